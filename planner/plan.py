@@ -1,0 +1,709 @@
+"""Plan: the validated, deterministic Plan JSON v1 (docs/ARCHITECTURE.md "Plan JSON v1").
+
+``Plan.from_dict`` / ``Plan.from_json`` validate and raise :class:`search.errors.BadInput` naming the
+bad field (dotted path, e.g. ``degrees.tp``). Parsing uses :mod:`json` only (never pickle/eval),
+rejects files over 50 MB, nesting deeper than 20 and NaN/Infinity.
+
+Determinism (``to_json``): top-level and known nested keys in the fixed schema order (extra keys of
+free-form nested dicts follow, sorted), every float rounded to 6 significant digits
+(``float(f"{x:.6g}")``), ints kept exact, ``indent=2``, trailing newline. Optional sections that are
+absent (``dtype``, ``tensor_parallel``, ``alternatives``, ``warnings``, ``predicted.breakdown``,
+``search.candidates``) are filled with defaults, so two equal plans always serialise byte-identically.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from search.errors import BadInput
+
+MAX_BYTES = 50 * 1024 * 1024
+MAX_DEPTH = 20
+
+SCHEDULES = ("none", "gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "wave")
+TP_STYLES = ("colwise", "rowwise")
+RECOMPUTE = ("none", "selective", "full")
+DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
+
+TOP_KEYS = (
+    "version", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
+    "tensor_parallel", "templates", "chunking", "recompute", "predicted", "search", "alternatives",
+    "warnings",
+)
+MODEL_KEYS = ("name", "params", "layers")
+CLUSTER_KEYS = ("name", "devices", "devices_per_node")
+MESH_KEYS = ("shape", "axes")
+DEGREE_KEYS = ("dp", "tp", "pp", "sp", "zero")
+PIPELINE_KEYS = ("schedule", "microbatches", "microbatch_size", "stages")
+PREDICTED_KEYS = ("step_time_s", "peak_memory_bytes", "comm_bytes", "bubble_fraction",
+                  "tflops_per_device", "mfu", "breakdown")
+SEARCH_KEYS = ("seconds", "folded", "unique_blocks", "ilp_variables", "solver_status", "candidates")
+TP_KEYS = ("style", "groups")
+ALT_KEYS = ("degrees", "zero", "microbatch_size", "recompute", "step_time_s", "peak_memory_bytes",
+            "feasible", "why")
+
+# Fixed key order for known nested dicts; other dicts (free-form) get sorted keys.
+_ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("model",): MODEL_KEYS,
+    ("cluster",): CLUSTER_KEYS,
+    ("mesh",): MESH_KEYS,
+    ("degrees",): DEGREE_KEYS,
+    ("pipeline",): PIPELINE_KEYS,
+    ("predicted",): PREDICTED_KEYS,
+    ("search",): SEARCH_KEYS,
+}
+
+GIB = 1024 ** 3
+
+
+# ---------------------------------------------------------------- helpers
+
+def _round(x: float) -> float:
+    """Round a float to 6 significant digits (the determinism rule)."""
+    if x == 0:
+        return 0.0
+    return float(f"{x:.6g}")
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and not (isinstance(v, float) and not math.isfinite(v))
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of containers, iteratively (no recursion on hostile input)."""
+    best = 0
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            best = max(best, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            best = max(best, d)
+            if d > MAX_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in o)
+    return best
+
+
+class _V:
+    """Small validation helpers; every failure raises BadInput naming the dotted field."""
+
+    @staticmethod
+    def fail(field: str, msg: str) -> None:
+        raise BadInput(f"plan field '{field}': {msg}")
+
+    @classmethod
+    def dict_(cls, d: dict, key: str, field: str, *, required: bool = True) -> dict | None:
+        if key not in d:
+            if required:
+                cls.fail(field, "missing")
+            return None
+        v = d[key]
+        if not isinstance(v, dict):
+            cls.fail(field, f"expected an object, got {_type_name(v)}")
+        return v
+
+    @classmethod
+    def keys(cls, d: dict, keys: tuple[str, ...], field: str, required: tuple[str, ...] | None = None) -> None:
+        for k in keys if required is None else required:
+            if k not in d:
+                cls.fail(f"{field}.{k}" if field else k, "missing")
+        for k in d:
+            if not isinstance(k, str):
+                cls.fail(field, f"non-string key {k!r}")
+
+    @classmethod
+    def int_(cls, v: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
+        if not _is_int(v):
+            cls.fail(field, f"expected an integer, got {_type_name(v)}")
+        if minimum is not None and v < minimum:
+            cls.fail(field, f"must be >= {minimum}, got {v}")
+        if maximum is not None and v > maximum:
+            cls.fail(field, f"must be <= {maximum}, got {v}")
+        return v
+
+    @classmethod
+    def num(cls, v: Any, field: str, minimum: float | None = None, nullable: bool = False) -> Any:
+        if v is None and nullable:
+            return v
+        if not _is_num(v):
+            cls.fail(field, f"expected a finite number, got {_type_name(v)}")
+        if minimum is not None and v < minimum:
+            cls.fail(field, f"must be >= {minimum}, got {v}")
+        return v
+
+    @classmethod
+    def str_(cls, v: Any, field: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(v, str):
+            cls.fail(field, f"expected a string, got {_type_name(v)}")
+        if choices is not None and v not in choices:
+            cls.fail(field, f"unknown value {v!r} (expected one of {', '.join(choices)})")
+        return v
+
+    @classmethod
+    def bool_(cls, v: Any, field: str) -> bool:
+        if not isinstance(v, bool):
+            cls.fail(field, f"expected true/false, got {_type_name(v)}")
+        return v
+
+    @classmethod
+    def list_(cls, v: Any, field: str) -> list:
+        if not isinstance(v, list):
+            cls.fail(field, f"expected a list, got {_type_name(v)}")
+        return v
+
+
+def _check_numbers(obj: Any, field: str) -> None:
+    """Reject NaN/Infinity anywhere (they are not JSON and break determinism)."""
+    stack = [(obj, field)]
+    while stack:
+        o, f = stack.pop()
+        if isinstance(o, float) and not math.isfinite(o):
+            _V.fail(f, "NaN/Infinity is not allowed")
+        elif isinstance(o, dict):
+            for k, v in o.items():
+                if not isinstance(k, str):
+                    _V.fail(f, f"non-string key {k!r}")
+                stack.append((v, f"{f}.{k}" if f else k))
+        elif isinstance(o, list):
+            stack.extend((v, f"{f}[{i}]") for i, v in enumerate(o))
+        elif not (o is None or isinstance(o, (str, int, float, bool))):
+            _V.fail(f, f"not a JSON value ({type(o).__name__})")
+
+
+def _validate(d: Any) -> dict:
+    """Validate and return a normalised deep copy (defaults filled in)."""
+    if not isinstance(d, dict):
+        raise BadInput(f"plan: expected a JSON object at top level, got {_type_name(d)}")
+    if _depth(d) > MAX_DEPTH:
+        raise BadInput(f"plan: nesting deeper than {MAX_DEPTH} levels")
+    _check_numbers(d, "")
+    unknown = [k for k in d if k not in TOP_KEYS]
+    if unknown:
+        raise BadInput(f"plan field '{sorted(unknown)[0]}': unknown top-level key "
+                       f"(known: {', '.join(TOP_KEYS)})")
+    d = copy.deepcopy(d)
+    V = _V
+
+    if "version" not in d:
+        V.fail("version", "missing")
+    if not _is_int(d["version"]) or d["version"] != 1:
+        V.fail("version", f"unsupported plan version {d['version']!r} (this autopar reads version 1)")
+
+    m = V.dict_(d, "model", "model")
+    V.keys(m, MODEL_KEYS, "model")
+    V.str_(m["name"], "model.name")
+    V.int_(m["params"], "model.params", 0)
+    V.int_(m["layers"], "model.layers", 0)
+
+    c = V.dict_(d, "cluster", "cluster")
+    V.keys(c, CLUSTER_KEYS, "cluster")
+    V.str_(c["name"], "cluster.name")
+    devices = V.int_(c["devices"], "cluster.devices", 1)
+    V.int_(c["devices_per_node"], "cluster.devices_per_node", 1)
+
+    for k in ("global_batch", "seq_len"):
+        if k not in d:
+            V.fail(k, "missing")
+        V.int_(d[k], k, 1)
+    if "dtype" in d:
+        V.str_(d["dtype"], "dtype", DTYPES)
+    else:
+        d["dtype"] = "bf16"
+
+    mesh = V.dict_(d, "mesh", "mesh")
+    V.keys(mesh, MESH_KEYS, "mesh")
+    shape = V.list_(mesh["shape"], "mesh.shape")
+    axes = V.list_(mesh["axes"], "mesh.axes")
+    if not shape:
+        V.fail("mesh.shape", "must not be empty")
+    prod = 1
+    for i, s in enumerate(shape):
+        prod *= V.int_(s, f"mesh.shape[{i}]", 1)
+    for i, a in enumerate(axes):
+        V.str_(a, f"mesh.axes[{i}]")
+    if len(axes) != len(shape):
+        V.fail("mesh.axes", f"has {len(axes)} names for {len(shape)} mesh dimensions")
+    if len(set(axes)) != len(axes):
+        V.fail("mesh.axes", "duplicate axis names")
+    if prod != devices:
+        V.fail("mesh.shape", f"product {prod} != cluster.devices {devices}")
+
+    deg = V.dict_(d, "degrees", "degrees")
+    V.keys(deg, DEGREE_KEYS, "degrees")
+    for k in ("dp", "tp", "pp", "sp"):
+        V.int_(deg[k], f"degrees.{k}", 1)
+    V.int_(deg["zero"], "degrees.zero", 0, 3)
+    dprod = deg["dp"] * deg["tp"] * deg["pp"] * deg["sp"]
+    if dprod != devices:
+        V.fail("degrees", f"dp*tp*pp*sp = {deg['dp']}*{deg['tp']}*{deg['pp']}*{deg['sp']} = {dprod} "
+                          f"!= cluster.devices {devices}")
+
+    p = V.dict_(d, "pipeline", "pipeline")
+    V.keys(p, PIPELINE_KEYS, "pipeline")
+    V.str_(p["schedule"], "pipeline.schedule", SCHEDULES)
+    V.int_(p["microbatches"], "pipeline.microbatches", 1)
+    V.int_(p["microbatch_size"], "pipeline.microbatch_size", 1)
+    V.list_(p["stages"], "pipeline.stages")
+
+    tp = V.dict_(d, "tensor_parallel", "tensor_parallel", required=False)
+    if tp is None:
+        d["tensor_parallel"] = {}
+    else:
+        for fqn, spec in tp.items():
+            f = f"tensor_parallel.{fqn}"
+            if not isinstance(spec, dict):
+                V.fail(f, f"expected an object, got {_type_name(spec)}")
+            V.keys(spec, TP_KEYS, f)
+            extra = [k for k in spec if k not in TP_KEYS]
+            if extra:
+                V.fail(f"{f}.{extra[0]}", "unknown key")
+            V.str_(spec["style"], f"{f}.style", TP_STYLES)
+            V.int_(spec["groups"], f"{f}.groups", 1)
+
+    for k in ("templates", "chunking"):
+        if k not in d:
+            V.fail(k, "missing")
+        if not isinstance(d[k], (dict, list)) and d[k] is not None:
+            V.fail(k, f"expected an object or list, got {_type_name(d[k])}")
+
+    if "recompute" not in d:
+        V.fail("recompute", "missing")
+    r = d["recompute"]
+    if isinstance(r, dict):
+        for k, v in r.items():
+            V.str_(v, f"recompute.{k}", RECOMPUTE)
+    else:
+        V.str_(r, "recompute", RECOMPUTE)
+
+    pr = V.dict_(d, "predicted", "predicted")
+    V.keys(pr, PREDICTED_KEYS, "predicted", required=PREDICTED_KEYS[:-1])
+    V.num(pr["step_time_s"], "predicted.step_time_s", 0)
+    V.int_(pr["peak_memory_bytes"], "predicted.peak_memory_bytes", 0)
+    V.int_(pr["comm_bytes"], "predicted.comm_bytes", 0)
+    V.num(pr["bubble_fraction"], "predicted.bubble_fraction", 0)
+    V.num(pr["tflops_per_device"], "predicted.tflops_per_device", 0)
+    V.num(pr["mfu"], "predicted.mfu", 0)
+    if "breakdown" in pr:
+        V.dict_(pr, "breakdown", "predicted.breakdown")
+    else:
+        pr["breakdown"] = {}
+
+    s = V.dict_(d, "search", "search")
+    V.keys(s, SEARCH_KEYS, "search", required=SEARCH_KEYS[:-1])
+    V.num(s["seconds"], "search.seconds", 0, nullable=True)
+    V.bool_(s["folded"], "search.folded")
+    V.int_(s["unique_blocks"], "search.unique_blocks", 0)
+    V.int_(s["ilp_variables"], "search.ilp_variables", 0)
+    V.str_(s["solver_status"], "search.solver_status")
+    if "candidates" in s:
+        V.int_(s["candidates"], "search.candidates", 0)
+    else:
+        s["candidates"] = 0
+
+    alts = d.setdefault("alternatives", [])
+    V.list_(alts, "alternatives")
+    for i, a in enumerate(alts):
+        f = f"alternatives[{i}]"
+        if not isinstance(a, dict):
+            V.fail(f, f"expected an object, got {_type_name(a)}")
+        if "degrees" in a:
+            V.dict_(a, "degrees", f"{f}.degrees")
+            for k, v in a["degrees"].items():
+                V.int_(v, f"{f}.degrees.{k}", 0)
+        for k in ("zero", "microbatch_size"):
+            if k in a and a[k] is not None:
+                V.int_(a[k], f"{f}.{k}", 0)
+        for k in ("step_time_s", "peak_memory_bytes"):
+            if k in a and a[k] is not None:
+                V.num(a[k], f"{f}.{k}", 0)
+        if "feasible" in a:
+            V.bool_(a["feasible"], f"{f}.feasible")
+        if "why" in a:
+            V.str_(a["why"], f"{f}.why")
+
+    w = d.setdefault("warnings", [])
+    V.list_(w, "warnings")
+    for i, x in enumerate(w):
+        V.str_(x, f"warnings[{i}]")
+    return d
+
+
+def _canonical(obj: Any, path: tuple[str, ...] = ()) -> Any:
+    """Deterministic form: fixed key order for known dicts, sorted keys otherwise, floats rounded."""
+    if isinstance(obj, dict):
+        if path == ():
+            order = [k for k in TOP_KEYS if k in obj]
+        elif path in _ORDER:
+            known = _ORDER[path]
+            order = [k for k in known if k in obj] + sorted(k for k in obj if k not in known)
+        elif len(path) == 2 and path[0] == "tensor_parallel":
+            order = [k for k in TP_KEYS if k in obj]
+        elif path == ("tensor_parallel",):
+            order = sorted(obj, key=_natural_key)
+        elif len(path) == 2 and path[0] == "alternatives":
+            order = [k for k in ALT_KEYS if k in obj] + sorted(k for k in obj if k not in ALT_KEYS)
+        elif len(path) == 3 and path[0] == "alternatives" and path[2] == "degrees":
+            order = [k for k in DEGREE_KEYS if k in obj] + sorted(k for k in obj if k not in DEGREE_KEYS)
+        else:
+            order = sorted(obj)
+        return {k: _canonical(obj[k], path + (k,)) for k in order}
+    if isinstance(obj, list):
+        return [_canonical(v, path + ("[]",)) for v in obj]
+    if isinstance(obj, float):
+        return _round(obj)
+    return obj
+
+
+def _natural_key(s: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s)]
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB"
+
+
+def _fmt_num(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _fmt_value(key: str, v: Any) -> str:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if key.endswith("bytes") or key.endswith("_b"):
+            return f"{_fmt_bytes(v)} ({v:,.0f} B)" if v >= 1024 else f"{v:,.0f} B"
+        if key.endswith("_s") or key.endswith("seconds"):
+            return f"{v * 1e3:.3f} ms"
+    return _fmt_num(v)
+
+
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                out.extend(_flatten(v, key))
+            else:
+                out.append((key, v))
+    return out
+
+
+def tp_summary(tp: dict) -> list[tuple[str, str, int, int]]:
+    """Collapse block indices: [(pattern, style, groups, count)], e.g. ("h.*.attn.c_attn", "colwise", 1, 3)."""
+    counts: dict[tuple[str, str, int], int] = {}
+    for fqn, spec in tp.items():
+        pat = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn)
+        key = (pat, spec["style"], spec["groups"])
+        counts[key] = counts.get(key, 0) + 1
+    return [(p, s, g, n) for (p, s, g), n in counts.items()]
+
+
+def _tp_lines(tp: dict) -> dict[str, str]:
+    """pattern -> "colwise×3" (groups appended when > 1) for diffs and explain."""
+    out: dict[str, list[str]] = {}
+    for pat, style, groups, n in tp_summary(tp):
+        txt = f"{style}×{n}" + (f" groups={groups}" if groups > 1 else "")
+        out.setdefault(pat, []).append(txt)
+    return {k: ", ".join(sorted(v)) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- Plan
+
+class Plan:
+    """A validated Plan JSON v1. Construct with :meth:`from_dict` or :meth:`from_json`."""
+
+    def __init__(self, data: dict):
+        self._d = _canonical(_validate(data))
+
+    # ------------------------------------------------------------ construction / io
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        """Validate ``d`` (not modified) and build a Plan; BadInput names the bad field."""
+        return cls(d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike | bytes) -> "Plan":
+        """Parse JSON text, or read a plan file. JSON only (never pickle/eval); BadInput on anything bad.
+
+        A ``str`` whose first non-blank character is ``{`` or ``[`` (or containing a newline) is JSON
+        text; any other ``str`` or a ``Path`` is a file path.
+        """
+        where = "plan JSON"
+        if isinstance(text_or_path, bytes):
+            raw = text_or_path
+        elif isinstance(text_or_path, str) and (text_or_path.lstrip()[:1] in ("{", "[") or "\n" in text_or_path
+                                                 or not text_or_path.strip()):
+            if len(text_or_path) > MAX_BYTES:
+                raise BadInput(f"plan JSON is larger than {MAX_BYTES // 2**20} MB")
+            raw = None
+            text = text_or_path
+        elif isinstance(text_or_path, (str, os.PathLike)):
+            path = Path(text_or_path)
+            where = f"plan file {str(path)!r}"
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise BadInput(f"{where}: not found") from None
+            except OSError as e:
+                raise BadInput(f"{where}: cannot read ({e.strerror or e})") from None
+            if not path.is_file():
+                raise BadInput(f"{where}: not a regular file")
+            if size > MAX_BYTES:
+                raise BadInput(f"{where}: {size} bytes is larger than the {MAX_BYTES // 2**20} MB limit")
+            try:
+                with open(path, "rb") as fh:
+                    raw = fh.read(MAX_BYTES + 1)
+            except OSError as e:
+                raise BadInput(f"{where}: cannot read ({e.strerror or e})") from None
+        else:
+            raise BadInput(f"plan: expected JSON text or a path, got {type(text_or_path).__name__}")
+        if raw is not None:
+            if len(raw) > MAX_BYTES:
+                raise BadInput(f"{where}: larger than the {MAX_BYTES // 2**20} MB limit")
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{where}: not UTF-8 JSON text (byte {e.start}); "
+                               "plans are JSON files written by `autopar plan --out`") from None
+        if not text.strip():
+            raise BadInput(f"{where}: empty")
+
+        def _no_const(name: str) -> Any:
+            raise BadInput(f"{where}: {name} is not allowed")
+
+        try:
+            d = json.loads(text, parse_constant=_no_const)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise BadInput(f"{where}: nesting deeper than {MAX_DEPTH} levels") from None
+        except ValueError as e:  # e.g. an integer literal with more than 4300 digits
+            raise BadInput(f"{where}: unreadable number ({str(e).split(':')[0]})") from None
+        return cls(d)
+
+    def to_dict(self) -> dict:
+        """A deep copy of the canonical plan dict (keys in schema order, floats rounded)."""
+        return copy.deepcopy(self._d)
+
+    def to_json(self) -> str:
+        """Deterministic JSON: schema key order, floats to 6 significant digits, indent 2, trailing newline."""
+        return json.dumps(self._d, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self._d == other._d
+
+    def __repr__(self) -> str:
+        g = self._d["degrees"]
+        return (f"Plan(model={self._d['model']['name']!r}, devices={self._d['cluster']['devices']}, "
+                f"dp={g['dp']}, tp={g['tp']}, pp={g['pp']}, sp={g['sp']}, zero={g['zero']})")
+
+    # ------------------------------------------------------------ accessors (copies)
+    def _get(self, k: str) -> Any:
+        return copy.deepcopy(self._d[k])
+
+    version = property(lambda self: self._d["version"])
+    model = property(lambda self: self._get("model"))
+    cluster = property(lambda self: self._get("cluster"))
+    global_batch = property(lambda self: self._d["global_batch"])
+    seq_len = property(lambda self: self._d["seq_len"])
+    dtype = property(lambda self: self._d["dtype"])
+    mesh = property(lambda self: self._get("mesh"))
+    degrees = property(lambda self: self._get("degrees"))
+    pipeline = property(lambda self: self._get("pipeline"))
+    tensor_parallel = property(lambda self: self._get("tensor_parallel"))
+    templates = property(lambda self: self._get("templates"))
+    chunking = property(lambda self: self._get("chunking"))
+    recompute = property(lambda self: self._get("recompute"))
+    predicted = property(lambda self: self._get("predicted"))
+    search = property(lambda self: self._get("search"))
+    alternatives = property(lambda self: self._get("alternatives"))
+    warnings = property(lambda self: self._get("warnings"))
+
+    # ------------------------------------------------------------ explain
+    def explain(self) -> str:
+        """Human-readable report (rich tables rendered to plain text, width 110)."""
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+
+        d = self._d
+        con = Console(record=True, width=110, file=io.StringIO(), color_system=None)
+        m, c, g, p, pr = d["model"], d["cluster"], d["degrees"], d["pipeline"], d["predicted"]
+
+        t = Table(title=f"autopar plan: {m['name']}", show_header=False, title_justify="left")
+        t.add_column("field", style="bold")
+        t.add_column("value")
+        t.add_row("model", f"{m['name']}  ({m['params']:,} params, {m['layers']} layers)")
+        t.add_row("cluster", f"{c['name']}  ({c['devices']} devices, {c['devices_per_node']} per node)")
+        t.add_row("batch", f"global batch {d['global_batch']}, seq len {d['seq_len']}, dtype {d['dtype']}")
+        mesh = d["mesh"]
+        t.add_row("mesh", " × ".join(f"{a}={s}" for a, s in zip(mesh["axes"], mesh["shape"])))
+        t.add_row("degrees", f"dp={g['dp']}  tp={g['tp']}  pp={g['pp']}  sp={g['sp']}  zero={g['zero']}")
+        t.add_row("pipeline", f"schedule {p['schedule']}, {p['microbatches']} microbatches of "
+                              f"{p['microbatch_size']}, {len(p['stages'])} stages")
+        r = d["recompute"]
+        t.add_row("recompute", r if isinstance(r, str) else
+                  ", ".join(f"{k}: {v}" for k, v in r.items()) or "none")
+        if d["chunking"]:
+            t.add_row("chunking", json.dumps(d["chunking"], separators=(",", ":"))[:200])
+        s = d["search"]
+        t.add_row("search", f"solver {s['solver_status']}, folded={'yes' if s['folded'] else 'no'}, "
+                            f"{s['unique_blocks']} unique blocks, {s['ilp_variables']} ILP variables, "
+                            f"{s['candidates']} candidates"
+                            + (f", {s['seconds']:.3g} s" if s["seconds"] is not None else ""))
+        con.print(t)
+
+        if p["stages"]:
+            st = Table(title="pipeline stages", title_justify="left")
+            st.add_column("stage", justify="right")
+            st.add_column("assignment")
+            for i, stage in enumerate(p["stages"]):
+                txt = (", ".join(f"{k}={_fmt_num(v) if not isinstance(v, (list, dict)) else json.dumps(v)}"
+                                 for k, v in stage.items()) if isinstance(stage, dict) else json.dumps(stage))
+                st.add_row(str(i), txt[:200])
+            con.print(st)
+
+        pt = Table(title="predicted (cost model, not measured)", title_justify="left")
+        pt.add_column("metric")
+        pt.add_column("predicted", justify="right")
+        pt.add_row("step time", f"{pr['step_time_s'] * 1e3:.3f} ms")
+        pt.add_row("peak memory / device", f"{pr['peak_memory_bytes'] / GIB:.2f} GiB")
+        pt.add_row("comm bytes / step", f"{pr['comm_bytes']:,} B ({pr['comm_bytes'] / GIB:.3f} GiB)")
+        pt.add_row("bubble fraction", f"{pr['bubble_fraction'] * 100:.1f} %")
+        pt.add_row("TFLOP/s / device", f"{pr['tflops_per_device']:.2f}")
+        pt.add_row("MFU", f"{pr['mfu'] * 100:.1f} %")
+        con.print(pt)
+
+        bd = _flatten(pr["breakdown"])
+        if bd:
+            bt = Table(title="predicted breakdown", title_justify="left")
+            bt.add_column("part")
+            bt.add_column("predicted", justify="right")
+            for k, v in bd:
+                bt.add_row(k, _fmt_value(k, v))
+            con.print(bt)
+
+        if d["tensor_parallel"]:
+            tt = Table(title="tensor parallel (per module pattern)", title_justify="left")
+            tt.add_column("module pattern")
+            tt.add_column("style")
+            for pat, txt in _tp_lines(d["tensor_parallel"]).items():
+                tt.add_row(pat, txt)
+            con.print(tt)
+
+        if d["alternatives"]:
+            at = Table(title="alternatives (runners-up; step and memory predicted)", title_justify="left",
+                       box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+            dkeys = ["dp", "tp", "pp"]
+            if any(a.get("degrees", {}).get("sp", 1) != 1 for a in d["alternatives"]) or g["sp"] != 1:
+                dkeys.append("sp")
+            for col in ["#", *dkeys, "zero", "mbs", "recompute", "step", "peak mem", "fits"]:
+                at.add_column(col, justify="left" if col in ("recompute", "fits") else "right")
+            at.add_column("why")
+            for i, a in enumerate(d["alternatives"]):
+                ad = a.get("degrees", {})
+                zero = a.get("zero", ad.get("zero"))
+                st = a.get("step_time_s")
+                pm = a.get("peak_memory_bytes")
+                rc = a.get("recompute")
+                at.add_row(str(i + 1), *(_fmt_num(ad.get(k)) for k in dkeys),
+                           _fmt_num(zero), _fmt_num(a.get("microbatch_size")),
+                           rc if isinstance(rc, str) else ("-" if rc is None else json.dumps(rc)),
+                           "-" if st is None else f"{st * 1e3:.3f} ms",
+                           "-" if pm is None else f"{pm / GIB:.2f} GiB",
+                           _fmt_num(a.get("feasible")), a.get("why", ""))
+            con.print(at)
+
+        if d["warnings"]:
+            con.print("warnings:")
+            for w in d["warnings"]:
+                con.print(f"  - {w}", markup=False, highlight=False)
+        return con.export_text()
+
+    # ------------------------------------------------------------ diff
+    def diff(self, other: "Plan") -> list[str]:
+        """Lines naming each decision that moved from ``self`` to ``other`` plus predicted deltas.
+
+        Ignores ``search.seconds``. Empty list when nothing moved and predictions are equal.
+        """
+        a, b = self._d, other._d
+        out: list[str] = []
+        for k in DEGREE_KEYS:
+            if a["degrees"][k] != b["degrees"][k]:
+                out.append(f"degrees.{k}: {a['degrees'][k]} -> {b['degrees'][k]}")
+        if a["mesh"] != b["mesh"]:
+            out.append(f"mesh: {a['mesh']['axes']}={a['mesh']['shape']} -> {b['mesh']['axes']}={b['mesh']['shape']}")
+        for k in ("schedule", "microbatches", "microbatch_size"):
+            if a["pipeline"][k] != b["pipeline"][k]:
+                out.append(f"pipeline.{k}: {a['pipeline'][k]} -> {b['pipeline'][k]}")
+        if a["pipeline"]["stages"] != b["pipeline"]["stages"]:
+            out.append(f"pipeline.stages: changed ({len(a['pipeline']['stages'])} -> "
+                       f"{len(b['pipeline']['stages'])} stages)")
+        if a["recompute"] != b["recompute"]:
+            out.append(f"recompute: {json.dumps(a['recompute'])} -> {json.dumps(b['recompute'])}")
+        ta, tb = a["tensor_parallel"], b["tensor_parallel"]
+        if ta != tb:
+            sa, sb = _tp_lines(ta), _tp_lines(tb)
+            for pat in sorted(set(sa) | set(sb), key=_natural_key):
+                if sa.get(pat) != sb.get(pat):
+                    out.append(f"tensor_parallel {pat}: {sa.get(pat, 'replicated')} -> {sb.get(pat, 'replicated')}")
+            if not any(line.startswith("tensor_parallel") for line in out):
+                changed = sorted((k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k)), key=_natural_key)
+                out.append(f"tensor_parallel: {len(changed)} modules changed (e.g. {changed[0]})")
+        if a["chunking"] != b["chunking"]:
+            out.append(f"chunking: {json.dumps(a['chunking'])[:80]} -> {json.dumps(b['chunking'])[:80]}")
+        if a["templates"] != b["templates"]:
+            out.append("templates: changed")
+        for k in ("dtype", "global_batch", "seq_len"):
+            if a[k] != b[k]:
+                out.append(f"{k}: {a[k]} -> {b[k]}")
+        if a["model"] != b["model"]:
+            out.append(f"model: {a['model']['name']} -> {b['model']['name']}")
+        if a["cluster"] != b["cluster"]:
+            out.append(f"cluster: {a['cluster']['name']}/{a['cluster']['devices']} -> "
+                       f"{b['cluster']['name']}/{b['cluster']['devices']}")
+
+        def pct(x: float, y: float) -> str:
+            if x == y:
+                return "+0.0%"
+            if x == 0:
+                return "n/a (was 0)"
+            return f"{(y - x) / x * 100:+.1f}%"
+
+        pa, pb = a["predicted"], b["predicted"]
+        if pa["step_time_s"] != pb["step_time_s"] or out:
+            out.append(f"predicted step time: {pa['step_time_s'] * 1e3:.3f} ms -> {pb['step_time_s'] * 1e3:.3f} ms "
+                       f"({pct(pa['step_time_s'], pb['step_time_s'])})")
+        if pa["peak_memory_bytes"] != pb["peak_memory_bytes"] or out:
+            out.append(f"predicted peak memory: {pa['peak_memory_bytes'] / GIB:.2f} GiB -> "
+                       f"{pb['peak_memory_bytes'] / GIB:.2f} GiB "
+                       f"({pct(pa['peak_memory_bytes'], pb['peak_memory_bytes'])})")
+        return out

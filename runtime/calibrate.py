@@ -1,0 +1,214 @@
+"""Measure this machine and write the `cpu` cluster profile (DESIGN §4 "calibrate against measurement").
+
+``python -m runtime.calibrate [--ranks N] [--force]`` measures and prints the numbers; the profile is
+written in ``Cluster.to_dict`` format to ``search.cluster.cpu_cache_path()``
+(``$AUTOPAR_CACHE/cpu.json`` or ``~/.cache/autopar/cpu.json``), where ``get_cluster("cpu")`` loads it.
+
+What is measured (each rank runs with one thread, as the runtime does on CPU):
+- fp32 matmul FLOP/s of one thread (512×512 @ 512×512, median of several runs) -> peak for every
+  dtype, ``compute_efficiency = 1.0`` (the peak is already the achieved rate);
+- memory bandwidth: copy of a 64 MiB tensor, (read + write bytes) / time, median;
+- gloo all-reduce between ``ranks`` local processes on 127.0.0.1: median time of a 4-byte and a
+  16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
+  link, so inter_* = intra_*.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from search.cluster import Cluster, cpu_cache_path
+
+SMALL_BYTES = 4
+LARGE_BYTES = 16 * 1024 * 1024
+
+
+def _median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_matmul_flops(n: int = 512, reps: int = 7, inner: int = 4) -> float:
+    """Single-thread fp32 matmul FLOP/s."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        for _ in range(2):
+            torch.mm(a, b, out=out)
+
+        def run():
+            for _ in range(inner):
+                torch.mm(a, b, out=out)
+
+        return 2 * n ** 3 * inner / _median_time(run, reps)
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_memory_bandwidth(nbytes: int = 64 * 1024 * 1024, reps: int = 5) -> float:
+    """Single-thread copy bandwidth, counting bytes read + bytes written."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        src = torch.ones(nbytes // 4)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        return 2 * nbytes / _median_time(lambda: dst.copy_(src), reps)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _link_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        result = {}
+        for label, nbytes, reps in (("small", SMALL_BYTES, 30), ("large", LARGE_BYTES, 7)):
+            buf = torch.ones(max(1, nbytes // 4))
+            for _ in range(3):
+                dist.all_reduce(buf)
+            times = []
+            for _ in range(reps):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_reduce(buf)
+                times.append(time.perf_counter() - t0)
+            result[label] = statistics.median(times)
+        # the slowest rank bounds the collective
+        t = torch.tensor([result["small"], result["large"]], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            Path(out_path).write_text(json.dumps({"small": t[0].item(), "large": t[1].item()}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fit_alpha_beta(p: int, n0: float, t0: float, n1: float, t1: float) -> tuple[float, float]:
+    """Fit (α, B) of the ring all-reduce model to two (bytes, seconds) points."""
+    c = 2 * (p - 1) / p
+    slope = (t1 - t0) / (n1 - n0)
+    bw = c / slope if slope > 0 else c * n1 / t1
+    alpha = (t0 - c * n0 / bw) / (2 * (p - 1))
+    return max(alpha, 1e-7), bw
+
+
+def measure_link(ranks: int = 2) -> tuple[float, float, dict]:
+    """gloo all-reduce latency α (s) and bandwidth B (B/s) between local processes."""
+    import torch.multiprocessing as mp
+
+    world = max(2, ranks)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "link.json")
+        try:
+            mp.spawn(_link_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+        finally:
+            if old is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = old
+        raw = json.loads(Path(out).read_text())
+    alpha, bw = fit_alpha_beta(world, SMALL_BYTES, raw["small"], LARGE_BYTES, raw["large"])
+    return alpha, bw, raw
+
+
+def _memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        lim = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if lim.isdigit():
+            total = min(total, int(lim))
+    except OSError:
+        pass
+    return total
+
+
+def measure_cpu_profile(ranks: int = 2) -> dict:
+    """Measure this machine; return a dict in ``Cluster.to_dict`` format (name "cpu")."""
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+    flops = measure_matmul_flops()
+    membw = measure_memory_bandwidth()
+    alpha, bw, _ = measure_link(ranks)
+    d = {
+        "name": "cpu",
+        "nodes": 1,
+        "devices_per_node": ranks,
+        "peak_flops": {"fp32": flops, "bf16": flops, "fp16": flops},
+        "memory_bytes": _memory_bytes() // ranks,
+        "memory_bandwidth": membw,
+        "intra_bandwidth": bw,
+        "intra_latency": alpha,
+        "inter_bandwidth": bw,
+        "inter_latency": alpha,
+        "compute_efficiency": 1.0,
+    }
+    Cluster.from_dict(d)  # validate before anyone caches it
+    return d
+
+
+def write_cpu_profile(profile: dict, path=None) -> Path:
+    p = Path(path) if path is not None else cpu_cache_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(profile, indent=2) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def ensure_cpu_profile(ranks: int = 2, *, force: bool = False) -> Path:
+    """Path of the cached `cpu` profile, measuring (≈10 s) only when missing or ``force``."""
+    p = cpu_cache_path()
+    if force or not p.exists():
+        write_cpu_profile(measure_cpu_profile(ranks), p)
+    return p
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.calibrate", description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=2, help="ranks (devices) to run on this machine")
+    ap.add_argument("--force", action="store_true", help="re-measure even if a cached profile exists")
+    ap.add_argument("--no-write", action="store_true", help="measure and print only")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    prof = measure_cpu_profile(args.ranks)
+    where = "(not written)" if args.no_write else write_cpu_profile(prof)
+    pf = prof["peak_flops"]["fp32"]
+    print(f"cpu profile ({args.ranks} ranks, {time.perf_counter() - t0:.1f} s) -> {where}")
+    print(f"  matmul fp32, 1 thread : {pf / 1e9:8.2f} GFLOP/s")
+    print(f"  memory bandwidth      : {prof['memory_bandwidth'] / 1e9:8.2f} GB/s")
+    print(f"  gloo bandwidth B      : {prof['intra_bandwidth'] / 1e9:8.3f} GB/s")
+    print(f"  gloo latency alpha    : {prof['intra_latency'] * 1e6:8.1f} us")
+    print(f"  memory per rank       : {prof['memory_bytes'] / 2**30:8.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""Tensor-parallel placement rules: which tensors are sharded, and how each op's arguments become local.
+
+One rule set with two users: the search prices a Megatron layout with it, and ``passes.tp`` rewrites
+the graph with it, so what is priced is what runs.
+
+A value is replicated (``None``) or ``Shard(dim, groups)``: split on ``dim`` into ``t`` parts, where
+``groups > 1`` means the dimension holds ``groups`` equal sections (a fused q|k|v projection) and each
+section is split separately. A linear is *colwise* (weight split on its output features, output
+``Shard(-1)``) or *rowwise* (input sharded on features, weight split on input features, output
+all-reduced). Anything sharded that reaches an op with no rule makes the layout unsupported.
+
+    >>> styles = choose_styles(mg.gm, tp=2)                        # doctest: +SKIP
+    >>> layout = propagate(mg.gm, styles, tp=2)                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+
+
+class Shard(NamedTuple):
+    dim: int
+    groups: int = 1
+
+
+class Unsupported(Exception):
+    """A sharded value reached an op the rules cannot keep local."""
+
+
+@dataclass
+class Layout:
+    """Result of propagation: per-node placement, the linears' styles and where collectives go."""
+
+    tp: int
+    styles: dict[str, tuple[str, int]]                   # module FQN -> ("colwise"|"rowwise", groups)
+    placement: dict[str, Shard | None] = field(default_factory=dict)  # node name -> placement
+    local_args: dict[str, tuple] = field(default_factory=dict)       # node name -> rewritten args
+    copy_before: list[str] = field(default_factory=list)  # replicated inputs of colwise linears (bwd all-reduce)
+    reduce_after: list[str] = field(default_factory=list)  # rowwise linears (fwd all-reduce of the output)
+    param_shards: dict[str, tuple[int, int]] = field(default_factory=dict)  # param FQN -> (dim, groups)
+    bias_after_reduce: dict[str, str] = field(default_factory=dict)  # rowwise node -> bias param FQN
+
+
+_POINTWISE = {
+    "gelu", "silu", "relu", "tanh", "sigmoid", "dropout", "neg", "exp", "rsqrt", "sqrt", "pow", "to",
+    "contiguous", "clone", "alias", "detach", "type_as", "_to_copy", "native_dropout", "erf", "abs",
+    "add", "sub", "mul", "div", "where", "masked_fill", "__and__", "__or__", "eq", "ne", "lt", "le", "gt", "ge",
+    "lift_fresh_copy", "copy",
+}
+_MATMUL_LINEAR = {"linear", "addmm"}
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    if hasattr(target, "_schema"):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def weight_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """FQN of the weight parameter of a linear/addmm node, or None."""
+    op = op_name(node)
+    if op not in _MATMUL_LINEAR:
+        return None
+    w = node.args[1] if op == "linear" else node.args[2]
+    if isinstance(w, fx.Node) and w.op == "get_attr" and _is_param(gm, w.target):
+        return w.target
+    return None
+
+
+def module_of(weight_fqn: str) -> str:
+    return weight_fqn.rsplit(".", 1)[0] if "." in weight_fqn else weight_fqn
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.nn.Parameter)
+
+
+def _shape(n) -> tuple[int, ...] | None:
+    if isinstance(n, fx.Node):
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return tuple(int(d) for d in v.shape)
+    return None
+
+
+def choose_styles(gm: fx.GraphModule, tp: int) -> dict[str, tuple[str, int]]:
+    """Megatron pattern by trial: make replicated-input linears colwise when their sharded cone
+    closes cleanly at rowwise linears (attention: qkv -> proj, MLP: fc1 -> fc2); else keep them replicated."""
+    styles: dict[str, tuple[str, int]] = {}
+    if tp == 1:
+        return styles
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    decided: set[str] = set()
+    for node in nodes:
+        w = weight_of(gm, node)
+        if w is None or module_of(w) in decided:
+            continue
+        # linears reading the same input (q/k/v, gate/up) are sharded together or not at all
+        x = _linear_input(node)
+        siblings = [u for u in x.users if weight_of(gm, u) is not None and _linear_input(u) is x
+                    and module_of(weight_of(gm, u)) not in decided]
+        trial = dict(styles)
+        for sib in siblings:
+            trial[module_of(weight_of(gm, sib))] = ("colwise", _split_groups(sib))
+        try:
+            closers = _propagate_cone(gm, siblings, trial, tp, index)
+        except Unsupported:
+            decided.update(module_of(weight_of(gm, sib)) for sib in siblings)
+            continue
+        for rowwise in closers:
+            trial[module_of(weight_of(gm, rowwise))] = ("rowwise", 1)
+        styles = trial
+        decided.update(trial)
+    return styles
+
+
+def _linear_input(node: fx.Node) -> fx.Node:
+    return node.args[0] if op_name(node) == "linear" else node.args[1]
+
+
+def _split_groups(node: fx.Node) -> int:
+    """A fused projection whose output is split into k equal parts on the last dim has k groups
+    (views that keep the last dim, such as HF Conv1D's 2-D -> 3-D reshape, are looked through)."""
+    shape = _shape(node)
+    for user in node.users:
+        op = op_name(user)
+        if op in ("view", "reshape", "_unsafe_view") and _shape(user) and _shape(user)[-1] == shape[-1]:
+            groups = _split_groups(user)
+            if groups > 1:
+                return groups
+        if op in ("split", "chunk"):
+            dim = user.args[2] if len(user.args) > 2 else user.kwargs.get("dim", 0)
+            if dim in (-1, len(shape) - 1):
+                if op == "chunk":
+                    return int(user.args[1])
+                size = user.args[1]
+                if isinstance(size, int) and shape[-1] % size == 0:
+                    return shape[-1] // size
+    return 1
+
+
+def _propagate_cone(gm, starts: list[fx.Node], styles, tp, index) -> list[fx.Node]:
+    """Propagate colwise ``starts`` forward; return the rowwise linears that close their cone."""
+    placement: dict[fx.Node, Shard | None] = {}
+    heap = []
+    for start in starts:
+        placement[start], _ = _rule(gm, start, {}, styles, tp)
+        heap += [(index[u], u.name, u) for u in start.users]
+    heapq.heapify(heap)
+    seen = set()
+    closers = []
+    while heap:
+        _, _, node = heapq.heappop(heap)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "output":
+            raise Unsupported("a sharded value reaches the model output")
+        w = weight_of(gm, node)
+        if w is not None and module_of(w) not in styles:
+            styles = {**styles, module_of(w): ("rowwise", 1)}  # the sharded cone closes here
+        out, _ = _rule(gm, node, placement, styles, tp)
+        placement[node] = out
+        if w is not None and styles[module_of(w)][0] == "rowwise":
+            closers.append(node)
+            continue
+        if out is not None:
+            for u in node.users:
+                heapq.heappush(heap, (index[u], u.name, u))
+    return closers
+
+
+def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -> Layout:
+    """Placement of every node under ``styles``; raises :class:`Unsupported` where it cannot stay local."""
+    layout = Layout(tp=tp, styles=dict(styles))
+    placement: dict[fx.Node, Shard | None] = {}
+    copy_inputs: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                if placement.get(a) is not None:
+                    raise Unsupported(f"sharded value {a.name} reaches the model output")
+            continue
+        if node.op != "call_function":
+            placement[node] = None
+            continue
+        out, new_args = _rule(gm, node, placement, styles, tp)
+        placement[node] = out
+        layout.placement[node.name] = out
+        if new_args is not None:
+            layout.local_args[node.name] = new_args
+        w = weight_of(gm, node)
+        if w is None or tp == 1 or module_of(w) not in styles:
+            continue
+        style, groups = styles[module_of(w)]
+        op = op_name(node)
+        x = _linear_input(node)
+        bias = _bias(node)
+        if style == "colwise":
+            copy_inputs[x.name] = None
+            layout.param_shards[w] = (0 if op == "linear" else 1, groups)
+            if bias is not None:
+                layout.param_shards[bias.target] = (0, groups)
+        else:
+            layout.reduce_after.append(node.name)
+            layout.param_shards[w] = (1 if op == "linear" else 0, 1)
+            if bias is not None:
+                layout.bias_after_reduce[node.name] = bias.target
+    layout.copy_before = list(copy_inputs)
+    return layout
+
+
+def _bias(node: fx.Node) -> fx.Node | None:
+    op = op_name(node)
+    b = node.args[2] if op == "linear" and len(node.args) > 2 else (node.args[0] if op == "addmm" else None)
+    return b if isinstance(b, fx.Node) else None
+
+
+def _rule(gm, node: fx.Node, placement, styles, tp) -> tuple[Shard | None, tuple | None]:
+    """Output placement of ``node`` and its local args (None when unchanged)."""
+    if node.op != "call_function":
+        return None, None
+    op = op_name(node)
+    ins = {a: placement.get(a) for a in node.all_input_nodes}
+    sharded = {a: p for a, p in ins.items() if p is not None}
+    w = weight_of(gm, node)
+    if w is not None and module_of(w) in styles:
+        style, groups = styles[module_of(w)]
+        x = _linear_input(node)
+        xp = placement.get(x)
+        shape = _shape(node)
+        if style == "colwise":
+            if xp is not None:
+                raise Unsupported(f"colwise {node.name} needs a replicated input")
+            if shape[-1] % (groups * tp):
+                raise Unsupported(f"{node.name}: {shape[-1]} features do not split into {groups}x{tp}")
+            return Shard(len(shape) - 1, groups), None
+        if xp is None or xp.dim != len(_shape(x)) - 1 or xp.groups != 1:
+            raise Unsupported(f"rowwise {node.name} needs its input sharded on features")
+        if op == "addmm":  # bias is added after the all-reduce
+            return None, None
+        return None, (node.args[0], node.args[1])  # drop bias: added after the all-reduce
+    if not sharded:
+        return None, None
+    if op in _MATMUL_LINEAR:
+        raise Unsupported(f"{node.name}: linear with sharded input but no rowwise style")
+    if op == "_assert_tensor_metadata":
+        return None, ("drop",)
+    if op == "getitem":
+        src, i = node.args
+        p = placement.get(src)
+        return (p[i] if isinstance(p, tuple) and not isinstance(p, Shard) else p), None
+    if op in ("split", "chunk", "split_with_sizes"):
+        return _split_rule(node, sharded, tp)
+    shard = next(iter(sharded.values()))
+    x = node.args[0]
+    in_shape = _shape(x)
+    out_shape = _shape(node)
+    if op in _POINTWISE:
+        return _broadcast_rule(node, placement, tp), None
+    if op in ("softmax", "_softmax", "log_softmax", "_log_softmax", "mean", "sum", "amax"):
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or any(d % len(in_shape) == shard.dim for d in dims):
+            raise Unsupported(f"{node.name}: {op} reduces over the sharded dim")
+        keep = len(node.args) > 2 and node.args[2]
+        if op in ("mean", "sum", "amax") and not keep:
+            return Shard(shard.dim - sum(1 for d in dims if d % len(in_shape) < shard.dim), shard.groups), None
+        return shard, None
+    if op == "transpose":
+        a, b = (d % len(in_shape) for d in node.args[1:3])
+        d = {a: b, b: a}.get(shard.dim, shard.dim)
+        return Shard(d, shard.groups), None
+    if op == "permute":
+        perm = [d % len(in_shape) for d in node.args[1]]
+        return Shard(perm.index(shard.dim), shard.groups), None
+    if op == "unsqueeze":
+        d = node.args[1] % len(out_shape)
+        return Shard(shard.dim + (1 if d <= shard.dim else 0), shard.groups), None
+    if op in ("slice", "select", "narrow"):
+        d = node.args[1] % len(in_shape) if len(node.args) > 1 else 0
+        if op == "slice" and out_shape == in_shape:  # x[:, :] keeps everything
+            return shard, None
+        if d == shard.dim:
+            raise Unsupported(f"{node.name}: {op} on the sharded dim")
+        if op == "select" and d < shard.dim:
+            return Shard(shard.dim - 1, shard.groups), None
+        return shard, None
+    if op == "cat":
+        d = node.args[1] % len(out_shape) if len(node.args) > 1 else 0
+        ps = [placement.get(t) for t in node.args[0]]
+        if d == shard.dim or any(p != shard for p in ps):
+            raise Unsupported(f"{node.name}: cat of mixed or sharded-dim inputs")
+        return shard, None
+    if op == "expand":
+        sizes = list(node.args[1])
+        off = len(sizes) - len(in_shape)
+        d = shard.dim + off
+        if sizes[d] != -1:
+            sizes[d] = sizes[d] // tp
+        return Shard(d, shard.groups), (x, sizes) + tuple(node.args[2:])
+    if op in ("view", "reshape", "_unsafe_view"):
+        return _view_rule(node, shard, in_shape, out_shape, tp)
+    if op == "scaled_dot_product_attention":
+        q, k, v = node.args[:3]
+        if any(placement.get(t) != Shard(1) for t in (q, k, v)):
+            raise Unsupported(f"{node.name}: attention needs q, k, v sharded on heads")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node) and (_shape(mask)[-3] if len(_shape(mask)) >= 3 else 1) != 1:
+            raise Unsupported(f"{node.name}: per-head attention mask")
+        return Shard(1), None
+    raise Unsupported(f"no tensor-parallel rule for {op} ({node.name})")
+
+
+def _split_rule(node, sharded, tp):
+    x = node.args[0]
+    shard = sharded[x]
+    shape = _shape(x)
+    op = op_name(node)
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % len(shape)
+    if dim != shard.dim:
+        n = len(node.meta["val"])
+        return tuple(shard for _ in range(n)), None
+    if op == "chunk":
+        if shard.groups != node.args[1]:
+            raise Unsupported(f"{node.name}: chunk count does not match the projection's sections")
+        return tuple(Shard(dim) for _ in range(node.args[1])), None
+    size = node.args[1]
+    if not isinstance(size, int) or shape[dim] // size != shard.groups:
+        raise Unsupported(f"{node.name}: split does not follow the projection's sections")
+    return tuple(Shard(dim) for _ in range(shard.groups)), (x, size // tp) + tuple(node.args[2:])
+
+
+def _broadcast_rule(node, placement, tp):
+    out_shape = _shape(node)
+    result = None
+    for a in node.args:
+        if not isinstance(a, fx.Node):
+            continue
+        shape = _shape(a)
+        if shape is None:
+            continue
+        off = len(out_shape) - len(shape)
+        p = placement.get(a)
+        if p is not None:
+            cand = Shard(p.dim + off, p.groups)
+            if result is not None and result != cand:
+                raise Unsupported(f"{node.name}: inputs sharded differently")
+            result = cand
+    for a in node.args:
+        if isinstance(a, fx.Node) and placement.get(a) is None and _shape(a) is not None:
+            shape = _shape(a)
+            off = len(out_shape) - len(shape)
+            d = result.dim - off
+            if 0 <= d < len(shape) and shape[d] != 1:
+                raise Unsupported(f"{node.name}: replicated operand {a.name} spans the sharded dim")
+    return result
+
+
+def _view_rule(node, shard, in_shape, out_shape, tp):
+    """Map the sharded input dim through a view; shard the first output dim of its group."""
+    d = shard.dim
+    before = 1
+    for s in in_shape[:d]:
+        before *= s
+    acc = 1
+    e = 0
+    while e < len(out_shape) and acc < before:
+        acc *= out_shape[e]
+        e += 1
+    if acc != before or e >= len(out_shape):
+        raise Unsupported(f"{node.name}: view moves the sharded dim across others")
+    if out_shape[e] % tp:
+        raise Unsupported(f"{node.name}: {out_shape[e]} does not split over tp={tp}")
+    if out_shape[e] < in_shape[d] and in_shape[d] % out_shape[e]:
+        raise Unsupported(f"{node.name}: irregular view of the sharded dim")
+    if out_shape[e] > in_shape[d] and shard.groups != 1:
+        raise Unsupported(f"{node.name}: merging a sectioned dim")
+    groups = shard.groups
+    if groups > 1:
+        if out_shape[e] % groups:
+            raise Unsupported(f"{node.name}: view splits a section")
+    sizes = list(node.args[1])
+    if sizes[e] != -1:
+        sizes[e] = sizes[e] // tp
+    return Shard(e, groups if out_shape[e] == in_shape[d] else 1), (node.args[0], sizes) + tuple(node.args[2:])
+
