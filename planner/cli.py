@@ -81,7 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--devices", type=int, metavar="N")
     pl.add_argument("--global-batch", type=int, metavar="B")
     pl.add_argument("--seq", type=int, metavar="S")
-    pl.add_argument("--dtype", choices=("bf16", "fp16", "fp32"))
+    pl.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     pl.add_argument("--memory-limit", type=float, metavar="GIB", help="per-device memory limit in GiB")
     pl.add_argument("--fix", metavar="dp=..,tp=..,pp=..,sp=..,zero=..,microbatches=..,schedule=..",
                     help="pin decisions; the search fills in the rest")

@@ -5,7 +5,6 @@ Tests marked "needs:" depend on modules written elsewhere (examples.zoo, search.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys

@@ -1,0 +1,22 @@
+"""emit: compose the transforms of a Plan on one rank, in a fixed order (tp, then dp)."""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from passes.dp import apply_dp
+from passes.tp import apply_tp
+from runtime.mesh import Mesh
+from runtime.module import DistributedModule
+from search.placement import propagate
+
+
+def emit(gm: fx.GraphModule, plan) -> DistributedModule:
+    """Rewrite ``gm`` (captured at the per-rank batch) for this rank as ``plan`` says."""
+    deg = plan.degrees
+    mesh = Mesh({"dp": deg["dp"], "tp": deg["tp"]})
+    styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
+    tp = deg["tp"]
+    shards = propagate(gm, styles, tp).param_shards if tp > 1 else {}
+    apply_tp(gm, styles, mesh.group("tp"), tp, mesh.local_rank("tp"))
+    sync = apply_dp(gm, mesh.group("dp"), deg["zero"])
+    return DistributedModule(gm, plan, mesh, sync, shards)

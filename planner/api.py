@@ -1,0 +1,191 @@
+"""Public API: ``make_plan`` (no process group needed) and ``auto_parallelize`` (inside torchrun).
+
+    # train.py, run as: torchrun --nproc-per-node 4 train.py
+    dmodel = auto_parallelize(model, (idx, targets))      # plans for the local ranks, then emits
+    loss = dmodel(idx, targets)                            # same global batch on every rank
+    loss.backward(); opt.step()                            # opt over dmodel.parameters()
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from planner.capture import capture
+from planner.models import resolve_model
+from planner.plan import Plan
+from search.baseline import Candidate, best, enumerate_candidates
+from search.cluster import Cluster, get_cluster
+from search.errors import BadInput
+
+_RUNNERS_UP = 4
+
+
+def load_cluster(cluster: Cluster | str | None, devices: int | None = None) -> Cluster:
+    """A Cluster from a built-in name, a JSON file or an object; ``cpu`` is measured on first use."""
+    if isinstance(cluster, Cluster):
+        return cluster.with_devices(devices) if devices else cluster
+    name = cluster or "cpu"
+    if name == "cpu":
+        from runtime.calibrate import ensure_cpu_profile
+
+        ensure_cpu_profile()
+    return get_cluster(name, devices)
+
+
+def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *, global_batch: int | None = None,
+              dtype: str = "bf16", memory_limit: float | None = None, fix: dict | None = None,
+              fold: bool = True, timings: bool = False, name: str | None = None) -> Plan:
+    """Capture ``model`` on ``example_inputs`` (a tuple of args, or ``(args, kwargs)``) and choose a plan.
+
+    ``example_inputs`` hold the global batch (meta tensors are fine). ``memory_limit`` is bytes per
+    device (default: the cluster's device memory). ``fix`` pins degrees, e.g. ``{"tp": 2, "zero": 1}``.
+    """
+    start = time.perf_counter()
+    cl = load_cluster(cluster)
+    args, kwargs = split_inputs(example_inputs)
+    mg = capture(model, args, kwargs, name=name or type(model).__name__)
+    gb = global_batch or mg.batch_size
+    cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix)
+    limit = memory_limit if memory_limit is not None else cl.memory_bytes
+    win = best(cands, limit)
+    styles = _styles_for(mg, win.tp)
+    plan = {
+        "version": 1,
+        "model": {"name": mg.name, "params": mg.num_params, "layers": mg.layers},
+        "cluster": {"name": cl.name, "devices": cl.devices, "devices_per_node": cl.devices_per_node},
+        "global_batch": gb,
+        "seq_len": mg.seq_len,
+        "dtype": dtype,
+        "mesh": {"shape": [win.dp, win.tp], "axes": ["dp", "tp"]},
+        "degrees": {"dp": win.dp, "tp": win.tp, "pp": 1, "sp": 1, "zero": win.zero},
+        "pipeline": {"schedule": "none", "microbatches": win.microbatches,
+                     "microbatch_size": win.microbatch_size, "stages": []},
+        "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in styles.items()},
+        "templates": [],
+        "chunking": [],
+        "recompute": win.recompute,
+        "predicted": _predicted(win, mg, cl, dtype, gb),
+        "search": {"seconds": round(time.perf_counter() - start, 3) if timings else None, "folded": False,
+                   "unique_blocks": 0, "ilp_variables": 0, "solver_status": "enumerated",
+                   "candidates": len(cands)},
+        "alternatives": [_alternative(c, win) for c in _runners_up(cands, win)],
+        "warnings": list(mg.warnings) + ([] if fold else []),
+    }
+    return Plan.from_dict(plan)
+
+
+def make_plan_from_spec(model_spec: str, *, cluster: str = "a100-80g", devices: int | None = None,
+                        global_batch: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
+                        memory_limit_gib: float | None = None, fix: dict | None = None, fold: bool = True,
+                        timings: bool = False) -> Plan:
+    """The CLI's ``autopar plan``: resolve a zoo name / ``file.py:factory`` / ``hf:type`` and plan it."""
+    cl = load_cluster(cluster, devices)
+    gb = global_batch or cl.devices
+    loaded = resolve_model(model_spec, batch=gb, seq=seq_len, device="meta")
+    limit = memory_limit_gib * 2**30 if memory_limit_gib is not None else None
+    return make_plan(loaded.model, (loaded.args, loaded.kwargs), cl, global_batch=gb, dtype=dtype,
+                     memory_limit=limit, fix=fix, fold=fold, timings=timings, name=loaded.name)
+
+
+def split_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], example_inputs[1]
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise BadInput("example_inputs must be a tensor, a tuple of inputs, or (args_tuple, kwargs_dict)")
+
+
+def _styles_for(mg, tp: int) -> dict:
+    from search.baseline import tp_stats
+
+    return tp_stats(mg, tp).styles if tp > 1 else {}
+
+
+def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
+    model_flops = sum(n.meta["autopar"].fwd_flops + n.meta["autopar"].bwd_flops for n in mg.nodes())
+    model_flops *= gb / mg.batch_size
+    tflops = model_flops / cl.devices / c.step_time_s / 1e12 if c.step_time_s else 0.0
+    return {
+        "step_time_s": c.step_time_s,
+        "peak_memory_bytes": int(c.peak_memory),
+        "comm_bytes": int(c.comm_bytes),
+        "bubble_fraction": 0.0,
+        "tflops_per_device": tflops,
+        "mfu": tflops * 1e12 / cl.peak(dtype),
+        "breakdown": {**{f"time_{k}_s": v for k, v in c.breakdown.items()},
+                      **{f"memory_{k}_bytes": int(v) for k, v in c.memory.items()}},
+    }
+
+
+def _runners_up(cands: list[Candidate], win: Candidate) -> list[Candidate]:
+    """Best candidate of each other (dp, tp), then the leanest infeasible one if any."""
+    seen = {(win.dp, win.tp)}
+    out = []
+    for c in cands:
+        if c.feasible and (c.dp, c.tp) not in seen:
+            seen.add((c.dp, c.tp))
+            out.append(c)
+    same = [c for c in cands if c.feasible and (c.dp, c.tp) == (win.dp, win.tp) and c is not win]
+    out += same[:1]
+    bad = [c for c in cands if not c.feasible]
+    return (out + bad[:1])[:_RUNNERS_UP]
+
+
+def _alternative(c: Candidate, win: Candidate) -> dict:
+    return {
+        "degrees": {"dp": c.dp, "tp": c.tp, "pp": 1, "sp": 1},
+        "zero": c.zero,
+        "microbatch_size": c.microbatch_size,
+        "recompute": c.recompute,
+        "step_time_s": c.step_time_s,
+        "peak_memory_bytes": int(c.peak_memory),
+        "feasible": c.feasible,
+        "why": c.reason if not c.feasible else _why_slower(c, win),
+    }
+
+
+def _why_slower(c: Candidate, win: Candidate) -> str:
+    if not win.step_time_s:
+        return "equal cost"
+    worst = max(c.breakdown, key=lambda k: c.breakdown[k] - win.breakdown.get(k, 0.0))
+    delta = (c.step_time_s / win.step_time_s - 1) * 100
+    return f"+{delta:.1f}% step time, mostly {worst.replace('_', ' ')} ({c.breakdown[worst] * 1e3:.3g} ms vs " \
+           f"{win.breakdown.get(worst, 0.0) * 1e3:.3g} ms)"
+
+
+def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster | str | None = None,
+                     plan: Plan | str | os.PathLike | None = None, constraints: dict | None = None,
+                     memory_limit: float | None = None):
+    """Plan (or load ``plan``) for the ranks torchrun started and return this rank's module."""
+    from runtime.mesh import init_distributed
+
+    rank, world = init_distributed()
+    if plan is None:
+        if rank == 0 and (cluster in (None, "cpu")):
+            load_cluster("cpu")  # measure once, on one rank, before everyone reads the cache
+        dist.barrier()
+        cl = load_cluster(cluster if cluster is not None else "cpu", world)
+        fix = {"zero": 0, **(constraints or {})}  # ZeRO stages are priced but not emitted yet
+        plan = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
+                         name=type(model).__name__)
+    elif not isinstance(plan, Plan):
+        plan = Plan.from_json(Path(plan))
+    if plan.cluster["devices"] != world:
+        raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
+                       f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
+    from passes.emit import emit
+
+    args, kwargs = split_inputs(example_inputs)
+    dp = plan.degrees["dp"]
+    local = lambda x: (x.chunk(dp, dim=0)[rank // plan.degrees["tp"]]  # noqa: E731 - dp slice of one input
+                       if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == plan.global_batch else x)
+    mg = capture(model, tuple(local(a) for a in args), {k: local(v) for k, v in kwargs.items()},
+                 name=plan.model["name"])
+    return emit(mg.gm, plan)
