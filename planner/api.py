@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from planner.capture import capture
 from planner.models import resolve_model
 from planner.plan import Plan
 from search.baseline import Candidate, best, enumerate_candidates
-from search.cluster import Cluster, get_cluster
+from search.cluster import Cluster, cpu_cache_path, get_cluster
 from search.errors import BadInput
 
 _RUNNERS_UP = 4
@@ -29,11 +31,21 @@ def load_cluster(cluster: Cluster | str | None, devices: int | None = None) -> C
     if isinstance(cluster, Cluster):
         return cluster.with_devices(devices) if devices else cluster
     name = cluster or "cpu"
-    if name == "cpu":
-        from runtime.calibrate import ensure_cpu_profile
-
-        ensure_cpu_profile()
+    if name == "cpu" and not cpu_cache_path().exists():
+        _calibrate_in_subprocess()
     return get_cluster(name, devices)
+
+
+def _calibrate_in_subprocess() -> None:
+    """Measure the local machine in a clean process (torchrun's variables would hijack its ranks)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                        "GROUP_RANK", "ROLE_RANK") and not k.startswith("TORCHELASTIC")}
+    done = subprocess.run([sys.executable, "-m", "runtime.calibrate"], env=env, capture_output=True, text=True,
+                          cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    if done.returncode != 0:
+        raise BadInput(f"measuring the local cpu profile failed: {done.stderr.strip()[-500:]}; "
+                       "run `python -m runtime.calibrate` by hand or pass a cluster JSON file")
 
 
 def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *, global_batch: int | None = None,
