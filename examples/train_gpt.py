@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare every step's loss with one process on rank 0")
     ap.add_argument("--tol", type=float, default=1e-5, help="max abs loss difference allowed by --check")
     ap.add_argument("--plan-out", default=None, help="rank 0 writes the chosen plan's JSON here")
+    ap.add_argument("--fix", default=None, help="pin plan degrees, e.g. dp=2,tp=2 (as autopar plan --fix)")
     opts = ap.parse_args(argv)
 
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
@@ -43,9 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from planner import auto_parallelize
 
-    dmodel = auto_parallelize(model, (idx, tgt))
+    from planner.cli import parse_fix
+
+    dmodel = auto_parallelize(model, (idx, tgt), constraints=parse_fix(opts.fix) if opts.fix else None)
     if rank == 0:
-        print(f"plan: {dmodel.plan.to_json() if opts.plan_out is None else opts.plan_out}", flush=True)
+        deg, pred = dmodel.plan.degrees, dmodel.plan.predicted
+        print(f"plan: dp={deg['dp']} tp={deg['tp']} zero={deg['zero']}; predicted step "
+              f"{pred['step_time_s'] * 1e3:.2f} ms, {pred['comm_bytes']:,} B sent per rank", flush=True)
         if opts.plan_out:
             Path(opts.plan_out).write_text(dmodel.plan.to_json())
 

@@ -164,8 +164,9 @@ def _alternative(c: Candidate, win: Candidate) -> dict:
 
 
 def _why_slower(c: Candidate, win: Candidate) -> str:
-    if not win.step_time_s:
-        return "equal cost"
+    if not win.step_time_s or c.step_time_s <= win.step_time_s * 1.0005:
+        return (f"same predicted step time, more memory ({c.peak_memory / 2**30:.2f} GiB vs "
+                f"{win.peak_memory / 2**30:.2f} GiB)")
     worst = max(c.breakdown, key=lambda k: c.breakdown[k] - win.breakdown.get(k, 0.0))
     delta = (c.step_time_s / win.step_time_s - 1) * 100
     return f"+{delta:.1f}% step time, mostly {worst.replace('_', ' ')} ({c.breakdown[worst] * 1e3:.3g} ms vs " \
