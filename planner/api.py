@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -31,9 +32,20 @@ def load_cluster(cluster: Cluster | str | None, devices: int | None = None) -> C
     if isinstance(cluster, Cluster):
         return cluster.with_devices(devices) if devices else cluster
     name = cluster or "cpu"
-    if name == "cpu" and not cpu_cache_path().exists():
+    if name != "cpu":
+        return get_cluster(name, devices)
+    if not cpu_cache_path().exists():
         _calibrate_in_subprocess()
-    return get_cluster(name, devices)
+    return share_cores(get_cluster(name, devices), os.cpu_count() or 1)
+
+
+def share_cores(cl: Cluster, cores: int) -> Cluster:
+    """Ranks beyond the core count share cores: each gets cores/ranks of the measured one-thread rate."""
+    share = min(1.0, cores / cl.devices)
+    if share == 1.0:
+        return cl
+    return dataclasses.replace(cl, peak_flops={k: v * share for k, v in cl.peak_flops},
+                               memory_bandwidth=cl.memory_bandwidth * share)
 
 
 def _calibrate_in_subprocess() -> None:

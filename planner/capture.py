@@ -12,7 +12,11 @@ FQNs, which is what the passes rewrite and what checkpoints are keyed by.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import os
+import sys
 import re
 import traceback
 
@@ -22,6 +26,7 @@ import torch.fx as fx
 from search.errors import CaptureError
 from search.graph import ModelGraph, NodeInfo
 
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _MATMUL_BWD = 2  # a matmul's backward is dgrad + wgrad: twice its forward FLOPs
 _SDPA_BWD = 2.5  # flash-style attention backward recomputes scores: ~2.5x forward
 
@@ -30,10 +35,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     """Export ``model`` on ``args``/``kwargs`` and annotate every node with :class:`NodeInfo`."""
     kwargs = kwargs or {}
     _disable_kv_cache(model)
+    # torch.export prints the partial graph to stderr when tracing fails; our message replaces that
+    printed = io.StringIO()
     try:
-        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        with contextlib.redirect_stderr(printed):
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure becomes one actionable message
         raise CaptureError(_explain_export_failure(model, exc)) from None
+    if printed.getvalue():
+        sys.stderr.write(printed.getvalue())
     gm = ep.module()
     params = dict(gm.named_parameters())
     param_shapes = {k: tuple(v.shape) for k, v in params.items()}
@@ -57,13 +67,24 @@ def annotate(gm: fx.GraphModule) -> None:
             continue
         elif node.op == "call_function" and any(a in needs_grad for a in node.all_input_nodes):
             needs_grad.add(node)
+    canonical = _canonical_param_names(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        node.meta["autopar"] = _node_info(gm, node, node in needs_grad)
+        node.meta["autopar"] = _node_info(gm, node, node in needs_grad, canonical)
 
 
-def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool) -> NodeInfo:
+def _canonical_param_names(gm: fx.GraphModule) -> dict[str, str]:
+    """Every name of a parameter -> its first name, as ``named_parameters()`` lists it (tied weights
+    such as an LM head sharing the embedding are reported under the one FQN ``param_shapes`` has)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return out
+
+
+def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[str, str] | None = None) -> NodeInfo:
     op = _op_name(node.target)
     out = node.meta.get("val")
     out_t = _first_tensor(out)
@@ -76,7 +97,8 @@ def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool) -> NodeInfo:
         bwd = int(_SDPA_BWD * fwd)
     else:
         bwd = fwd
-    params = tuple(a.target for a in node.all_input_nodes
+    canonical = canonical or {}
+    params = tuple(canonical.get(a.target, a.target) for a in node.all_input_nodes
                    if a.op == "get_attr" and isinstance(_get_attr(gm, a.target), torch.nn.Parameter))
     return NodeInfo(
         op=op,
@@ -166,7 +188,9 @@ def _source(node: fx.Node) -> str:
     frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
     if not frames:
         return ""
-    path, line = frames[-1]
+    # the innermost frame outside torch itself: the user's `self.qkv(x)`, not nn/modules/linear.py
+    user = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    path, line = (user or frames)[-1]
     return f"{path.rsplit('/', 1)[-1]}:{line}"
 
 
@@ -199,8 +223,9 @@ def _disable_kv_cache(model: torch.nn.Module) -> None:
 def _explain_export_failure(model: torch.nn.Module, exc: Exception) -> str:
     """Name the failing op/module and the user's source line, and say what to do."""
     frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if "site-packages/torch" not in f.filename and "/torch/" not in f.filename
-            and not f.filename.endswith("capture.py")]
+    here = os.path.abspath(__file__)
+    user = [f for f in frames if not f.filename.startswith("<") and not f.filename.startswith(_TORCH_DIR)
+            and "site-packages/torch" not in f.filename and os.path.abspath(f.filename) != here]
     where = f" at {user[-1].filename.rsplit('/', 1)[-1]}:{user[-1].lineno} ({user[-1].line})" if user else ""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"could not capture {type(model).__name__} with torch.export{where}: {type(exc).__name__}: {first[:300]}. "

@@ -7,6 +7,7 @@ Autopar errors print ``error: <message>`` on stderr without a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        return 0
     except Exception:  # noqa: BLE001
         print("internal error (please report this with the command line):", file=sys.stderr)
         traceback.print_exc()

@@ -22,6 +22,7 @@ from search.memory import model_state_bytes
 from search.placement import Unsupported, choose_styles, op_name, propagate
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_LOSS_BYTES = 4
 _NO_ACTIVATION = {"view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
                   "slice", "select", "split", "chunk", "getitem", "t", "alias", "detach", "_assert_tensor_metadata",
                   "arange", "zeros", "ones", "full", "empty", "new_ones", "lift_fresh_copy"}
@@ -198,10 +199,16 @@ def best(cands: list[Candidate], limit: float) -> Candidate:
         raise Infeasible("no candidate plan is valid: " + "; ".join(sorted({c.reason for c in cands})))
     lean = min(priced, key=lambda c: c.peak_memory)
     raise Infeasible(
-        f"no plan fits {limit / 2**30:.1f} GiB per device; the leanest (dp={lean.dp}, tp={lean.tp}, "
+        f"no plan fits {_gib(limit)} GiB per device; the leanest (dp={lean.dp}, tp={lean.tp}, "
         f"zero={lean.zero}, microbatch={lean.microbatch_size}, recompute={lean.recompute}) needs "
-        f"{lean.peak_memory / 2**30:.1f} GiB. Use more devices, a larger --memory-limit, or a smaller model/batch "
+        f"{_gib(lean.peak_memory)} GiB. Use more devices, a larger --memory-limit, or a smaller model/batch "
         "(pipeline parallelism is not emitted yet)")
+
+
+def _gib(nbytes: float) -> str:
+    """GiB with one decimal, or three significant digits below 1 GiB (a tiny limit must not read "0.0")."""
+    g = nbytes / 2**30
+    return f"{g:.1f}" if g >= 1 else f"{g:.3g}"
 
 
 def _graph_dtype(mg: ModelGraph) -> str:
@@ -235,6 +242,9 @@ def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: in
     for kind, nbytes, times in dp_kinds:
         dp_time += times * cost.collective_time(kind, nbytes, dp, cl, spans_nodes=dp_spans)
         dp_bytes += times * cost.bytes_sent_per_rank(kind, nbytes, dp)
+    if dp > 1:  # the module reports the dp-mean loss: one fp32 scalar all-reduce per forward
+        dp_time += m * cost.collective_time("all_reduce", _LOSS_BYTES, dp, cl, spans_nodes=dp_spans)
+        dp_bytes += m * cost.bytes_sent_per_rank("all_reduce", _LOSS_BYTES, dp)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.step_time_s = compute + tp_time + dp_time
     c.comm_bytes = tp_bytes + dp_bytes
@@ -246,5 +256,5 @@ def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: in
     c.memory = {**states, "activations": act}
     if c.peak_memory > limit:
         c.feasible = False
-        c.reason = f"needs {c.peak_memory / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB per device"
+        c.reason = f"needs {_gib(c.peak_memory)} GiB > {_gib(limit)} GiB per device"
     return c
