@@ -10,7 +10,6 @@ Worker mode times N steps (forward + backward + SGD step) of every plan, reads a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics

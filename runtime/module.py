@@ -7,7 +7,6 @@ local one; ``GradSync`` averages the gradients). Parameters keep their original 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from runtime.collectives import all_gather, all_reduce_mean_scalar
 

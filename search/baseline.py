@@ -23,6 +23,7 @@ from search.placement import Unsupported, choose_styles, op_name, propagate
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _LOSS_BYTES = 4
+_COMPUTE_BOUND = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "convolution"}
 _NO_ACTIVATION = {"view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
                   "slice", "select", "split", "chunk", "getitem", "t", "alias", "detach", "_assert_tensor_metadata",
                   "arange", "zeros", "ones", "full", "empty", "new_ones", "lift_fresh_copy"}
@@ -35,9 +36,11 @@ class TPStats:
 
     tp: int
     styles: dict[str, tuple[str, int]]
-    fwd_flops: float          # per tp rank, whole global batch (divide by dp for one device)
+    fwd_flops: float          # matmul/attention FLOPs per tp rank, captured batch (divide by dp for one device)
     bwd_flops: float
-    block_fwd_flops: float    # forward FLOPs inside repeated blocks (recomputed under full recompute)
+    mem_bytes: float          # bytes moved by memory-bound ops, forward + backward (roofline: bytes / bandwidth)
+    block_fwd_flops: float    # forward work inside repeated blocks (recomputed under full recompute)
+    block_fwd_bytes: float
     params: int               # parameters one tp rank holds
     act_bytes: float          # saved activations per tp rank, whole global batch, captured dtype
     act_block_inputs: float   # bytes of each block's input summed over blocks (what full recompute keeps)
@@ -76,19 +79,24 @@ def tp_stats(mg: ModelGraph, tp: int) -> TPStats:
     layout = propagate(gm, styles, tp)
     sharded_nodes = {name for name, p in layout.placement.items() if p is not None}
     sharded_nodes.update(layout.reduce_after)
-    fwd = bwd = block_fwd = act = outside = 0.0
+    fwd = bwd = mem = block_fwd = block_bytes = act = outside = 0.0
     per_block: dict[str, float] = {}
     block_inputs: dict[str, float] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for node in mg.nodes():
         info = node.meta["autopar"]
         div = tp if node.name in sharded_nodes else 1
-        fwd += info.fwd_flops / div
-        bwd += info.bwd_flops / div
+        compute_bound = op_name(node) in _COMPUTE_BOUND
+        moved = 0.0 if compute_bound or op_name(node) in _NO_ACTIVATION else (info.bytes_read + info.bytes_written) / div
+        if compute_bound:
+            fwd += info.fwd_flops / div
+            bwd += info.bwd_flops / div
+        mem += moved * (3 if info.bwd_flops else 1)  # backward of an element-wise op reads and writes ~2x
         m = _LAYER.match(info.scope)
         block = f"{m.group(1)}.{m.group(2)}" if m else None
         if block:
-            block_fwd += info.fwd_flops / div
+            block_fwd += info.fwd_flops / div if compute_bound else 0.0
+            block_bytes += moved
             if block not in block_inputs:
                 block_inputs[block] = max((_val_bytes(a) for a in node.all_input_nodes if a.op != "get_attr"), default=0)
         if info.bwd_flops and op_name(node) not in _NO_ACTIVATION:
@@ -105,7 +113,8 @@ def tp_stats(mg: ModelGraph, tp: int) -> TPStats:
         for d in shape:
             n *= d
         params += n // tp if fqn in layout.param_shards else n
-    return TPStats(tp=tp, styles=styles, fwd_flops=fwd, bwd_flops=bwd, block_fwd_flops=block_fwd, params=params,
+    return TPStats(tp=tp, styles=styles, fwd_flops=fwd, bwd_flops=bwd, mem_bytes=mem, block_fwd_flops=block_fwd,
+                   block_fwd_bytes=block_bytes, params=params,
                    act_bytes=act, act_block_inputs=sum(block_inputs.values()),
                    act_max_block=max(per_block.values(), default=0.0), act_outside=outside,
                    tp_allreduce_bytes=allreduces)
@@ -223,8 +232,11 @@ def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: in
     mesh = (dp, st.tp)
     dp_spans = cost.group_spans_nodes(mesh, 0, cl.devices_per_node)
     tp_spans = cost.group_spans_nodes(mesh, 1, cl.devices_per_node)
-    extra = st.block_fwd_flops if recompute == "full" else 0.0
-    compute = cost.compute_time((st.fwd_flops + st.bwd_flops + extra) * global_batch / graph_batch / dp, dtype, cl)
+    full = recompute == "full"
+    share = global_batch / graph_batch / dp  # this device's part of the captured batch's work
+    flops = (st.fwd_flops + st.bwd_flops + (st.block_fwd_flops if full else 0.0)) * share
+    moved = (st.mem_bytes + (st.block_fwd_bytes if full else 0.0)) * share * scale
+    compute = cost.compute_time(flops, dtype, cl) + cost.memory_time(moved, cl)
     tp_time = tp_bytes = 0.0
     per_sample = scale / graph_batch * micro
     for nbytes in st.tp_allreduce_bytes:  # logical size for the captured batch; one per microbatch

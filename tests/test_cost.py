@@ -1,6 +1,5 @@
 """Cluster profiles, cost formulas, memory accounting and the real `cpu` calibration."""
 import json
-import math
 
 import pytest
 
