@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples.common import init_weights, lm_output
+
 
 @dataclass
 class BertConfig:
@@ -82,18 +84,9 @@ class Bert(nn.Module):
         self.head_dense = nn.Linear(cfg.hidden, cfg.hidden)
         self.head_ln = nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
         self.decoder = nn.Linear(cfg.hidden, cfg.vocab)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         if cfg.tie_embeddings:
             self.decoder.weight = self.word_embeddings.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -104,6 +97,4 @@ class Bert(nn.Module):
         for layer in self.layers:
             x = layer(x)
         logits = self.decoder(self.head_ln(F.gelu(self.head_dense(x))))
-        if labels is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+        return lm_output(logits, labels)

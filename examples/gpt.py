@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from examples.common import init_weights, lm_output
+
 
 @dataclass
 class GPTConfig:
@@ -90,21 +92,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers)
         std = 0.02 / (2 * cfg.layers) ** 0.5
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.shape[1]
@@ -113,6 +106,4 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return lm_output(logits, targets)

@@ -7,12 +7,16 @@ from passes.dp import apply_dp
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
 from runtime.module import DistributedModule
+from search.errors import BadInput
 from search.placement import propagate
 
 
 def emit(gm: fx.GraphModule, plan) -> DistributedModule:
     """Rewrite ``gm`` (captured at the per-rank batch) for this rank as ``plan`` says."""
     deg = plan.degrees
+    if plan.pipeline["microbatches"] != 1:
+        raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
+                       "but cannot emit yet; re-plan with --fix microbatches=1")
     mesh = Mesh({"dp": deg["dp"], "tp": deg["tp"]})
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]

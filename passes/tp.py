@@ -1,8 +1,8 @@
 """apply_tp: rewrite a captured graph into one tensor-parallel rank (Megatron column/row pattern).
 
 Parameters become this rank's shards, view/expand/split arguments become local, and the two
-Megatron collectives are inserted: ``CopyToGroup`` before colwise linears (identity forward,
-all-reduce of the gradient backward) and ``ReduceFromGroup`` after rowwise linears (all-reduce
+Megatron collectives are inserted: ``copy_to_group`` before colwise linears (identity forward,
+all-reduce of the gradient backward) and ``reduce_from_group`` after rowwise linears (all-reduce
 forward), with a rowwise bias added after the reduction. Placements come from
 ``search.placement.propagate`` so the rewrite runs exactly what the search priced.
 """
@@ -15,26 +15,16 @@ from runtime.collectives import copy_to_group, reduce_from_group
 from search.placement import module_of, propagate, weight_of
 
 
-class CopyToGroup(torch.nn.Module):
-    """Megatron's f: identity forward, gradient all-reduced over the tensor-parallel group."""
+class GroupCollective(torch.nn.Module):
+    """A differentiable collective over ``group`` as a graph submodule (printed code stays readable)."""
 
-    def __init__(self, group):
+    def __init__(self, fn, group):
         super().__init__()
+        self.fn = fn
         self.group = group
 
     def forward(self, x):
-        return copy_to_group(x, self.group)
-
-
-class ReduceFromGroup(torch.nn.Module):
-    """Megatron's g: partial sums all-reduced over the tensor-parallel group, identity backward."""
-
-    def __init__(self, group):
-        super().__init__()
-        self.group = group
-
-    def forward(self, x):
-        return reduce_from_group(x, self.group)
+        return self.fn(x, self.group)
 
 
 def shard_tensor(t: torch.Tensor, dim: int, groups: int, tp: int, rank: int) -> torch.Tensor:
@@ -58,8 +48,8 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
                 graph.erase_node(node)
             continue
         node.args = args
-    gm.add_module("tp_copy", CopyToGroup(group))
-    gm.add_module("tp_reduce", ReduceFromGroup(group))
+    gm.add_module("tp_copy", GroupCollective(copy_to_group, group))  # Megatron f: all-reduce grads backward
+    gm.add_module("tp_reduce", GroupCollective(reduce_from_group, group))  # Megatron g: all-reduce forward
     colwise = {n for n in graph.nodes if n.op == "call_function" and _is_styled(n, layout, "colwise", gm)}
     for name in layout.copy_before:
         src = nodes[name]

@@ -197,7 +197,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
             load_cluster("cpu")  # measure once, on one rank, before everyone reads the cache
         dist.barrier()
         cl = load_cluster(cluster if cluster is not None else "cpu", world)
-        fix = {"zero": 0, **(constraints or {})}  # ZeRO stages are priced but not emitted yet
+        fix = {"zero": 0, "microbatches": 1, **(constraints or {})}  # priced but not emitted yet
         plan = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
                          name=type(model).__name__)
     elif not isinstance(plan, Plan):
