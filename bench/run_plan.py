@@ -62,7 +62,7 @@ def main() -> int:
         table.add_row(r["model"], str(r["devices"]), f"{r['capture_s']:.1f}", f"{r['plan_s']:.1f}",
                       f"{r['peak_rss_gib']:.2f}", f"dp={d['dp']} tp={d['tp']} zero={d['zero']}",
                       f"{r['predicted_step_s']:.3g}", f"{r['mfu']:.1%}")
-    Console().print(table)
+    Console(width=150).print(table)
     return 0
 
 

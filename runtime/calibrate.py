@@ -61,6 +61,24 @@ def measure_matmul_flops(n: int = 512, reps: int = 7, inner: int = 4) -> float:
         torch.set_num_threads(old)
 
 
+def measure_training_efficiency(peak: float, tokens: int = 256, hidden: int = 256, ffn: int = 1024,
+                                reps: int = 10) -> float:
+    """Fraction of ``peak`` a transformer-shaped MLP reaches in forward + backward on one thread
+    (small shapes and transposed backward GEMMs are slower than a square matmul)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(hidden, ffn), torch.nn.Linear(ffn, hidden))
+        x = torch.randn(tokens, hidden, requires_grad=True)
+        flops = 3 * 2 * tokens * (2 * hidden * ffn)  # forward, input grad and weight grad of both matmuls
+        for _ in range(2):
+            net(x).sum().backward()
+        return min(1.0, flops / _median_time(lambda: net(x).sum().backward(), reps) / peak)
+    finally:
+        torch.set_num_threads(old)
+
+
 def measure_memory_bandwidth(nbytes: int = 64 * 1024 * 1024, reps: int = 5) -> float:
     """Single-thread copy bandwidth, counting bytes read + bytes written."""
     old = torch.get_num_threads()
@@ -155,6 +173,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
     flops = measure_matmul_flops()
+    efficiency = measure_training_efficiency(flops)
     membw = measure_memory_bandwidth()
     alpha, bw, _ = measure_link(ranks)
     d = {
@@ -168,7 +187,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
         "intra_latency": alpha,
         "inter_bandwidth": bw,
         "inter_latency": alpha,
-        "compute_efficiency": 1.0,
+        "compute_efficiency": efficiency,
     }
     Cluster.from_dict(d)  # validate before anyone caches it
     return d

@@ -246,7 +246,8 @@ def test_real_cpu_calibration(tmp_path, monkeypatch):
     assert ensure_cpu_profile(ranks=2) == path and path.stat().st_mtime_ns == mtime  # cached
     c = get_cluster("cpu")
     assert c == load_cpu_profile(path)
-    assert (c.name, c.nodes, c.devices_per_node, c.compute_efficiency) == ("cpu", 1, 2, 1.0)
+    assert (c.name, c.nodes, c.devices_per_node) == ("cpu", 1, 2)
+    assert 0.05 < c.compute_efficiency <= 1.0  # measured: a training-shaped MLP vs the square-matmul peak
     f = c.peak("fp32")
     assert 1e8 < f < 1e13 and c.peak("bf16") == f                       # 0.1 GFLOP/s .. 10 TFLOP/s
     assert 1e8 < c.memory_bandwidth < 1e13
