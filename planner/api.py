@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -34,27 +34,22 @@ def load_cluster(cluster: Cluster | str | None, devices: int | None = None) -> C
     name = cluster or "cpu"
     if name != "cpu":
         return get_cluster(name, devices)
-    if not cpu_cache_path().exists():
-        _calibrate_in_subprocess()
-    return share_cores(get_cluster(name, devices), os.cpu_count() or 1)
+    ranks = devices or 2
+    path = cpu_cache_path()
+    if not path.exists() or json.loads(path.read_text()).get("devices_per_node") != ranks:
+        _calibrate_in_subprocess(ranks)
+    return get_cluster(name, ranks)
 
 
-def share_cores(cl: Cluster, cores: int) -> Cluster:
-    """Ranks beyond the core count share cores: each gets cores/ranks of the measured one-thread rate."""
-    share = min(1.0, cores / cl.devices)
-    if share == 1.0:
-        return cl
-    return dataclasses.replace(cl, peak_flops={k: v * share for k, v in cl.peak_flops},
-                               memory_bandwidth=cl.memory_bandwidth * share)
-
-
-def _calibrate_in_subprocess() -> None:
-    """Measure the local machine in a clean process (torchrun's variables would hijack its ranks)."""
+def _calibrate_in_subprocess(ranks: int) -> None:
+    """Measure the local machine for ``ranks`` ranks in a clean process (torchrun's variables would
+    hijack its ranks)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                         "GROUP_RANK", "ROLE_RANK") and not k.startswith("TORCHELASTIC")}
-    done = subprocess.run([sys.executable, "-m", "runtime.calibrate"], env=env, capture_output=True, text=True,
-                          cwd=str(Path(__file__).resolve().parent.parent), timeout=300)
+    done = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--ranks", str(ranks)], env=env,
+                          capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent),
+                          timeout=300)
     if done.returncode != 0:
         raise BadInput(f"measuring the local cpu profile failed: {done.stderr.strip()[-500:]}; "
                        "run `python -m runtime.calibrate` by hand or pass a cluster JSON file")
@@ -194,7 +189,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     rank, world = init_distributed()
     if plan is None:
         if rank == 0 and (cluster in (None, "cpu")):
-            load_cluster("cpu")  # measure once, on one rank, before everyone reads the cache
+            load_cluster("cpu", world)  # measure once, on one rank, before everyone reads the cache
         dist.barrier()
         cl = load_cluster(cluster if cluster is not None else "cpu", world)
         fix = {"zero": 0, "microbatches": 1, **(constraints or {})}  # priced but not emitted yet

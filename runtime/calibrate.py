@@ -4,11 +4,13 @@
 written in ``Cluster.to_dict`` format to ``search.cluster.cpu_cache_path()``
 (``$AUTOPAR_CACHE/cpu.json`` or ``~/.cache/autopar/cpu.json``), where ``get_cluster("cpu")`` loads it.
 
-What is measured (each rank runs with one thread, as the runtime does on CPU):
-- fp32 matmul FLOP/s of one thread (512×512 @ 512×512, median of several runs) -> peak for every
-  dtype, ``compute_efficiency = 1.0`` (the peak is already the achieved rate);
-- memory bandwidth: copy of a 64 MiB tensor, (read + write bytes) / time, median;
-- gloo all-reduce between ``ranks`` local processes on 127.0.0.1: median time of a 4-byte and a
+The profile is measured *for* ``ranks`` processes, because ranks beyond the core count share cores,
+caches and memory bandwidth. Each rank runs with one thread, as the runtime does on CPU:
+- peak: fp32 matmul FLOP/s of one thread alone (512×512 @ 512×512, median of several runs);
+- ``compute_efficiency``: FLOP/s of a transformer-shaped MLP forward + backward, run on all ``ranks``
+  processes at once (slowest rank), divided by the peak;
+- memory bandwidth: copy of a 64 MiB tensor on all ranks at once, (read + write bytes) / time;
+- gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median time of a 4-byte and a
   16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
   link, so inter_* = intra_*.
 """
@@ -61,10 +63,9 @@ def measure_matmul_flops(n: int = 512, reps: int = 7, inner: int = 4) -> float:
         torch.set_num_threads(old)
 
 
-def measure_training_efficiency(peak: float, tokens: int = 256, hidden: int = 256, ffn: int = 1024,
-                                reps: int = 10) -> float:
-    """Fraction of ``peak`` a transformer-shaped MLP reaches in forward + backward on one thread
-    (small shapes and transposed backward GEMMs are slower than a square matmul)."""
+def measure_training_flops(tokens: int = 256, hidden: int = 256, ffn: int = 1024, reps: int = 20) -> float:
+    """FLOP/s one thread reaches on a transformer-shaped MLP, forward + backward (small shapes and
+    transposed backward GEMMs are slower than a square matmul)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -74,7 +75,10 @@ def measure_training_efficiency(peak: float, tokens: int = 256, hidden: int = 25
         flops = 3 * 2 * tokens * (2 * hidden * ffn)  # forward, input grad and weight grad of both matmuls
         for _ in range(2):
             net(x).sum().backward()
-        return min(1.0, flops / _median_time(lambda: net(x).sum().backward(), reps) / peak)
+        t0 = time.perf_counter()  # throughput over the whole loop: time slices of shared cores average out
+        for _ in range(reps):
+            net(x).sum().backward()
+        return flops * reps / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
 
@@ -98,12 +102,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _link_worker(rank: int, world: int, port: int, out_path: str) -> None:
+def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    """One calibration rank: gloo all-reduce timings, then compute and copy rates with every rank busy."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=30))
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         result = {}
         for label, nbytes, reps in (("small", SMALL_BYTES, 30), ("large", LARGE_BYTES, 7)):
@@ -117,11 +122,16 @@ def _link_worker(rank: int, world: int, port: int, out_path: str) -> None:
                 dist.all_reduce(buf)
                 times.append(time.perf_counter() - t0)
             result[label] = statistics.median(times)
-        # the slowest rank bounds the collective
-        t = torch.tensor([result["small"], result["large"]], dtype=torch.float64)
+        dist.barrier()
+        flops = measure_training_flops()
+        dist.barrier()
+        membw = measure_memory_bandwidth()
+        # the slowest rank bounds a step: max of times, min of rates
+        t = torch.tensor([result["small"], result["large"], -flops, -membw], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rank == 0:
-            Path(out_path).write_text(json.dumps({"small": t[0].item(), "large": t[1].item()}))
+            Path(out_path).write_text(json.dumps({"small": t[0].item(), "large": t[1].item(),
+                                                  "training_flops": -t[2].item(), "memory_bandwidth": -t[3].item()}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -136,8 +146,9 @@ def fit_alpha_beta(p: int, n0: float, t0: float, n1: float, t1: float) -> tuple[
     return max(alpha, 1e-7), bw
 
 
-def measure_link(ranks: int = 2) -> tuple[float, float, dict]:
-    """gloo all-reduce latency α (s) and bandwidth B (B/s) between local processes."""
+def measure_ranks(ranks: int = 2) -> tuple[float, float, dict]:
+    """gloo all-reduce latency α (s) and bandwidth B (B/s) between ``ranks`` local processes, and the
+    raw timings with the per-rank compute and copy rates measured while all ranks run at once."""
     import torch.multiprocessing as mp
 
     world = max(2, ranks)
@@ -146,7 +157,7 @@ def measure_link(ranks: int = 2) -> tuple[float, float, dict]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "link.json")
         try:
-            mp.spawn(_link_worker, args=(world, _free_port(), out), nprocs=world, join=True)
+            mp.spawn(_rank_worker, args=(world, _free_port(), out), nprocs=world, join=True)
         finally:
             if old is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
@@ -172,22 +183,20 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
     """Measure this machine; return a dict in ``Cluster.to_dict`` format (name "cpu")."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
-    flops = measure_matmul_flops()
-    efficiency = measure_training_efficiency(flops)
-    membw = measure_memory_bandwidth()
-    alpha, bw, _ = measure_link(ranks)
+    peak = measure_matmul_flops()
+    alpha, bw, raw = measure_ranks(ranks)
     d = {
         "name": "cpu",
         "nodes": 1,
         "devices_per_node": ranks,
-        "peak_flops": {"fp32": flops, "bf16": flops, "fp16": flops},
+        "peak_flops": {"fp32": peak, "bf16": peak, "fp16": peak},
         "memory_bytes": _memory_bytes() // ranks,
-        "memory_bandwidth": membw,
+        "memory_bandwidth": raw["memory_bandwidth"],
         "intra_bandwidth": bw,
         "intra_latency": alpha,
         "inter_bandwidth": bw,
         "inter_latency": alpha,
-        "compute_efficiency": efficiency,
+        "compute_efficiency": min(1.0, raw["training_flops"] / peak),
     }
     Cluster.from_dict(d)  # validate before anyone caches it
     return d
@@ -203,9 +212,10 @@ def write_cpu_profile(profile: dict, path=None) -> Path:
 
 
 def ensure_cpu_profile(ranks: int = 2, *, force: bool = False) -> Path:
-    """Path of the cached `cpu` profile, measuring (≈10 s) only when missing or ``force``."""
+    """Path of the cached `cpu` profile for ``ranks`` ranks, measuring (≈10 s) only when missing,
+    measured for another rank count, or ``force``."""
     p = cpu_cache_path()
-    if force or not p.exists():
+    if force or not p.exists() or json.loads(p.read_text()).get("devices_per_node") != ranks:
         write_cpu_profile(measure_cpu_profile(ranks), p)
     return p
 
@@ -217,12 +227,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="measure and print only")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    prof = measure_cpu_profile(args.ranks)
-    where = "(not written)" if args.no_write else write_cpu_profile(prof)
+    if args.no_write:
+        prof, where = measure_cpu_profile(args.ranks), "(not written)"
+    else:
+        where = ensure_cpu_profile(args.ranks, force=args.force)
+        prof = json.loads(where.read_text())
     pf = prof["peak_flops"]["fp32"]
     print(f"cpu profile ({args.ranks} ranks, {time.perf_counter() - t0:.1f} s) -> {where}")
     print(f"  matmul fp32, 1 thread : {pf / 1e9:8.2f} GFLOP/s")
-    print(f"  memory bandwidth      : {prof['memory_bandwidth'] / 1e9:8.2f} GB/s")
+    print(f"  training MLP / peak   : {prof['compute_efficiency']:8.2f} (all ranks busy)")
+    print(f"  memory bandwidth      : {prof['memory_bandwidth'] / 1e9:8.2f} GB/s per rank (all ranks busy)")
     print(f"  gloo bandwidth B      : {prof['intra_bandwidth'] / 1e9:8.3f} GB/s")
     print(f"  gloo latency alpha    : {prof['intra_latency'] * 1e6:8.1f} us")
     print(f"  memory per rank       : {prof['memory_bytes'] / 2**30:8.2f} GiB")
