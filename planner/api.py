@@ -71,7 +71,6 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
     cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix)
     limit = memory_limit if memory_limit is not None else cl.memory_bytes
     win = best(cands, limit)
-    styles = _styles_for(mg, win.tp)
     plan = {
         "version": 1,
         "model": {"name": mg.name, "params": mg.num_params, "layers": mg.layers},
@@ -83,7 +82,7 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "degrees": {"dp": win.dp, "tp": win.tp, "pp": 1, "sp": 1, "zero": win.zero},
         "pipeline": {"schedule": "none", "microbatches": win.microbatches,
                      "microbatch_size": win.microbatch_size, "stages": []},
-        "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in styles.items()},
+        "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
         "templates": [],
         "chunking": [],
         "recompute": win.recompute,
@@ -92,7 +91,7 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
                    "unique_blocks": 0, "ilp_variables": 0, "solver_status": "enumerated",
                    "candidates": len(cands)},
         "alternatives": [_alternative(c, win) for c in _runners_up(cands, win)],
-        "warnings": list(mg.warnings) + ([] if fold else []),
+        "warnings": list(mg.warnings),
     }
     return Plan.from_dict(plan)
 
@@ -119,12 +118,6 @@ def split_inputs(example_inputs) -> tuple[tuple, dict]:
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs), {}
     raise BadInput("example_inputs must be a tensor, a tuple of inputs, or (args_tuple, kwargs_dict)")
-
-
-def _styles_for(mg, tp: int) -> dict:
-    from search.baseline import tp_stats
-
-    return tp_stats(mg, tp).styles if tp > 1 else {}
 
 
 def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:

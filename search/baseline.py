@@ -63,6 +63,7 @@ class Candidate:
     comm_bytes: float = 0.0                          # bytes one device sends per step
     feasible: bool = True
     reason: str = ""
+    styles: dict = field(default_factory=dict)     # module FQN -> (style, groups) of this tp layout
 
     @property
     def peak_memory(self) -> float:
@@ -228,7 +229,7 @@ def _graph_dtype(mg: ModelGraph) -> str:
 def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
            recompute: str, global_batch: int, graph_batch: int, limit: float) -> Candidate:
     """Price one candidate; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
-    c = Candidate(dp, st.tp, zero, micro, m, recompute)
+    c = Candidate(dp, st.tp, zero, micro, m, recompute, styles=st.styles)
     mesh = (dp, st.tp)
     dp_spans = cost.group_spans_nodes(mesh, 0, cl.devices_per_node)
     tp_spans = cost.group_spans_nodes(mesh, 1, cl.devices_per_node)
