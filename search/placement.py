@@ -219,6 +219,18 @@ def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -
     return layout
 
 
+def _check_private_params(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A sharded weight or bias must be read by its own linear only: a tied weight or a regulariser
+    reading it elsewhere would see one shard as if it were the whole tensor."""
+    for p in (node.args[1] if op_name(node) == "linear" else node.args[2], _bias(node)):
+        if p is None:
+            continue
+        readers = [u for g in gm.graph.find_nodes(op="get_attr", target=p.target) for u in g.users]
+        if readers != [node]:
+            raise Unsupported(f"{node.name}: parameter {p.target} is also read by "
+                              f"{', '.join(sorted(u.name for u in readers if u is not node))}")
+
+
 def _bias(node: fx.Node) -> fx.Node | None:
     op = op_name(node)
     b = node.args[2] if op == "linear" and len(node.args) > 2 else (node.args[0] if op == "addmm" else None)
@@ -235,6 +247,7 @@ def _rule(gm, node: fx.Node, placement, styles, tp) -> tuple[Shard | None, tuple
     w = weight_of(gm, node)
     if w is not None and module_of(w) in styles:
         style, groups = styles[module_of(w)]
+        _check_private_params(gm, node)
         x = _linear_input(node)
         xp = placement.get(x)
         shape = _shape(node)
@@ -335,7 +348,7 @@ def _split_rule(node, sharded, tp):
             raise Unsupported(f"{node.name}: chunk count does not match the projection's sections")
         return tuple(Shard(dim) for _ in range(node.args[1])), None
     size = node.args[1]
-    if not isinstance(size, int) or shape[dim] // size != shard.groups:
+    if not isinstance(size, int) or shape[dim] % size or shape[dim] // size != shard.groups:
         raise Unsupported(f"{node.name}: split does not follow the projection's sections")
     return tuple(Shard(dim) for _ in range(shard.groups)), (x, size // tp) + tuple(node.args[2:])
 
@@ -392,5 +405,5 @@ def _view_rule(node, shard, in_shape, out_shape, tp):
     sizes = list(node.args[1])
     if sizes[e] != -1:
         sizes[e] = sizes[e] // tp
-    return Shard(e, groups if out_shape[e] == in_shape[d] else 1), (node.args[0], sizes) + tuple(node.args[2:])
+    return Shard(e, groups), (node.args[0], sizes) + tuple(node.args[2:])
 

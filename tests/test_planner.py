@@ -81,6 +81,38 @@ def test_heads_not_divisible_by_tp_leave_attention_replicated():
                       for m, s in (("fc", "colwise"), ("proj", "rowwise"))}
 
 
+class _RegularisedMLP(torch.nn.Module):
+    """An MLP whose first weight is also read by an L2 penalty: that weight must stay whole."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.tied = tied
+        self.fc = torch.nn.Linear(16, 64)
+        self.proj = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        y = self.proj(torch.relu(self.fc(x))).sum()
+        return y + self.fc.weight.pow(2).sum() if self.tied else y
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_read_outside_its_linear_is_not_sharded(tied):
+    mg = capture(_RegularisedMLP(tied), (torch.randn(4, 16),), name="mlp")
+    styles = choose_styles(mg.gm, 2)
+    if tied:
+        assert styles == {}
+    else:
+        assert styles == {"fc": ("colwise", 1), "proj": ("rowwise", 1)}
+
+
+def test_propagate_refuses_a_shared_sharded_weight():
+    from search.placement import Unsupported, propagate
+
+    mg = capture(_RegularisedMLP(True), (torch.randn(4, 16),), name="mlp")
+    with pytest.raises(Unsupported, match="fc.weight is also read by"):
+        propagate(mg.gm, {"fc": ("colwise", 1), "proj": ("rowwise", 1)}, 2)
+
+
 # ------------------------------------------------------------------ the enumerator
 
 def test_plan_gpt_tiny_8_a100_is_valid():
