@@ -20,9 +20,13 @@ import torch.distributed as dist
 from planner.capture import capture
 from planner.models import resolve_model
 from planner.plan import Plan
-from search.baseline import Candidate, best, enumerate_candidates
+from search.baseline import Candidate, best, enumerate_candidates, shard_all
 from search.cluster import Cluster, cpu_cache_path, get_cluster
-from search.errors import BadInput
+from search.errors import AutoparError, BadInput
+from search.fold import fold as fold_graph
+from search.fold import no_fold
+from search.placement import propagate
+from search.strategy import ilp_select
 
 _RUNNERS_UP = 4
 
@@ -57,20 +61,29 @@ def _calibrate_in_subprocess(ranks: int) -> None:
 
 def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *, global_batch: int | None = None,
               dtype: str = "bf16", memory_limit: float | None = None, fix: dict | None = None,
-              fold: bool = True, timings: bool = False, name: str | None = None) -> Plan:
+              fold: bool = True, search: str = "ilp", timings: bool = False, name: str | None = None) -> Plan:
     """Capture ``model`` on ``example_inputs`` (a tuple of args, or ``(args, kwargs)``) and choose a plan.
 
     ``example_inputs`` hold the global batch (meta tensors are fine). ``memory_limit`` is bytes per
     device (default: the cluster's device memory). ``fix`` pins degrees, e.g. ``{"tp": 2, "zero": 1}``.
+    ``search`` is ``"ilp"`` (the ILP picks the tensor-parallel cones; ``fold`` solves each repeated
+    block once) or ``"enumerate"`` (the full Megatron pattern for every degree: the oracle).
     """
+    if search not in ("ilp", "enumerate"):
+        raise BadInput(f"unknown search {search!r}; use 'ilp' or 'enumerate'")
     start = time.perf_counter()
     cl = load_cluster(cluster)
     args, kwargs = split_inputs(example_inputs)
     mg = capture(model, args, kwargs, name=name or type(model).__name__)
     gb = global_batch or mg.batch_size
-    cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix)
+    folding = fold_graph(mg) if fold else no_fold(mg)
+    select = ilp_select if search == "ilp" else shard_all
+    cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
+                                 select=select, folding=folding)
     limit = memory_limit if memory_limit is not None else cl.memory_bytes
     win = best(cands, limit)
+    if win.tp > 1:
+        propagate(mg.gm, win.styles, win.tp)  # what is priced must be what the passes can run
     plan = {
         "version": 1,
         "model": {"name": mg.name, "params": mg.num_params, "layers": mg.layers},
@@ -83,13 +96,14 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "pipeline": {"schedule": "none", "microbatches": win.microbatches,
                      "microbatch_size": win.microbatch_size, "stages": []},
         "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
-        "templates": [],
+        "templates": [{"id": t.id, "hash": t.hash[:16], "instances": len(t.instances), "first": t.instances[0],
+                       "nodes": t.num_nodes, "params": t.num_params} for t in folding.templates],
         "chunking": [],
         "recompute": win.recompute,
         "predicted": _predicted(win, mg, cl, dtype, gb),
-        "search": {"seconds": round(time.perf_counter() - start, 3) if timings else None, "folded": False,
-                   "unique_blocks": 0, "ilp_variables": 0, "solver_status": "enumerated",
-                   "candidates": len(cands)},
+        "search": {"seconds": round(time.perf_counter() - start, 3) if timings else None, "folded": fold,
+                   "unique_blocks": len(folding.templates), "ilp_variables": win.solver.get("variables", 0),
+                   "solver_status": win.solver.get("status", "enumerated"), "candidates": len(cands)},
         "alternatives": [_alternative(c, win) for c in _runners_up(cands, win)],
         "warnings": list(mg.warnings),
     }
@@ -176,29 +190,48 @@ def _why_slower(c: Candidate, win: Candidate) -> str:
 def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster | str | None = None,
                      plan: Plan | str | os.PathLike | None = None, constraints: dict | None = None,
                      memory_limit: float | None = None):
-    """Plan (or load ``plan``) for the ranks torchrun started and return this rank's module."""
-    from runtime.mesh import init_distributed
+    """Plan (or load ``plan``) for the ranks torchrun started and return this rank's module.
+
+    ``example_inputs`` hold the global batch: the tensors whose first dimension is the plan's global
+    batch are the batched inputs, sliced over data-parallel ranks on every call. Without ``plan``,
+    rank 0 plans (the other ranks' ``cluster``, ``constraints`` and ``memory_limit`` are not used)
+    and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
+    """
+    from passes.emit import emit
+    from runtime.mesh import Mesh, init_distributed
+    from runtime.module import BatchSplit
 
     rank, world = init_distributed()
     if plan is None:
-        if rank == 0 and (cluster in (None, "cpu")):
-            load_cluster("cpu", world)  # measure once, on one rank, before everyone reads the cache
-        dist.barrier()
-        cl = load_cluster(cluster if cluster is not None else "cpu", world)
-        fix = {"zero": 0, "microbatches": 1, **(constraints or {})}  # priced but not emitted yet
-        plan = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
-                         name=type(model).__name__)
+        plan = _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank, world)
     elif not isinstance(plan, Plan):
         plan = Plan.from_json(Path(plan))
     if plan.cluster["devices"] != world:
         raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
-    from passes.emit import emit
-
+    mesh = Mesh({"dp": plan.degrees["dp"], "tp": plan.degrees["tp"]})
     args, kwargs = split_inputs(example_inputs)
-    dp = plan.degrees["dp"]
-    local = lambda x: (x.chunk(dp, dim=0)[rank // plan.degrees["tp"]]  # noqa: E731 - dp slice of one input
-                       if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == plan.global_batch else x)
-    mg = capture(model, tuple(local(a) for a in args), {k: local(v) for k, v in kwargs.items()},
-                 name=plan.model["name"])
-    return emit(mg.gm, plan)
+    batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
+    mg = capture(model, *batch(args, kwargs), name=plan.model["name"])
+    return emit(mg.gm, plan, mesh, batch)
+
+
+def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank: int, world: int) -> Plan:
+    """Rank 0 plans and broadcasts the plan JSON, or the error every rank then raises."""
+    msg: list = [None]
+    if rank == 0:
+        try:
+            cl = load_cluster(cluster if cluster is not None else "cpu", world)
+            fix = {"zero": 0, "microbatches": 1, "recompute": "none", **(constraints or {})}  # priced, not emitted yet
+            msg[0] = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
+                               name=type(model).__name__).to_json()
+        except AutoparError as exc:
+            msg[0] = exc
+        except Exception as exc:
+            msg[0] = RuntimeError(f"planning failed on rank 0: {type(exc).__name__}: {exc}")
+            dist.broadcast_object_list(msg, src=0)
+            raise
+    dist.broadcast_object_list(msg, src=0)
+    if isinstance(msg[0], Exception):
+        raise msg[0]
+    return Plan.from_json(msg[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 from search.errors import AutoparError, BadInput
 
 FIX_INT_KEYS = ("dp", "tp", "pp", "sp", "zero", "microbatches")
-FIX_KEYS = FIX_INT_KEYS + ("schedule",)
+FIX_KEYS = FIX_INT_KEYS + ("schedule", "recompute")
 
 
 class _UsageError(Exception):
@@ -33,8 +33,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_fix(text: str) -> dict[str, int | str]:
-    """Parse ``dp=2,tp=4,schedule=1f1b`` into {"dp": 2, "tp": 4, "schedule": "1f1b"}; BadInput if malformed."""
-    from planner.plan import SCHEDULES
+    """Parse ``dp=2,tp=4,recompute=none`` into {"dp": 2, "tp": 4, "recompute": "none"}; BadInput if malformed."""
+    from planner.plan import RECOMPUTE, SCHEDULES
 
     out: dict[str, int | str] = {}
     for item in text.split(","):
@@ -49,9 +49,10 @@ def parse_fix(text: str) -> dict[str, int | str]:
             raise BadInput(f"--fix: unknown key {key!r} (known: {', '.join(FIX_KEYS)})")
         if key in out:
             raise BadInput(f"--fix: {key} given twice")
-        if key == "schedule":
-            if val not in SCHEDULES:
-                raise BadInput(f"--fix: unknown schedule {val!r} (known: {', '.join(SCHEDULES)})")
+        if key in ("schedule", "recompute"):
+            known = SCHEDULES if key == "schedule" else RECOMPUTE
+            if val not in known:
+                raise BadInput(f"--fix: unknown {key} {val!r} (known: {', '.join(known)})")
             out[key] = val
             continue
         try:

@@ -7,8 +7,11 @@
 
 Mechanism: a `register_post_accumulate_grad_hook` on every parameter; the first hook that fires in a
 backward pass queues an autograd-engine callback, which runs after the whole graph has finished.
-The callback flattens every existing `.grad` into buckets of at most `bucket_bytes` (per dtype),
-issues one counted SUM all-reduce per bucket, divides by the group size and copies back.
+The callback issues one counted SUM all-reduce per bucket, divides by the group size and writes the
+result to every parameter's `.grad`. Buckets (at most `bucket_bytes`, per dtype) are fixed at
+construction, so every rank issues the same all-reduces even if a parameter got no gradient on some
+rank: the missing gradient counts as zeros, and the parameter receives the average like the others
+(one that no rank used gets a zero gradient, not None).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class GradSync:
         self.group = group
         self.world = group_size(group)
         self.bucket_bytes = int(bucket_bytes)
+        self.buckets = self._buckets(self.params)  # fixed: the same all-reduces on every rank, every step
         self._enabled = True
         self._queued = False
         self.syncs = 0  # number of completed sync rounds (for tests / logging)
@@ -53,32 +57,37 @@ class GradSync:
         self._queued = True
         torch.autograd.Variable._execution_engine.queue_callback(self._sync)
 
-    def _buckets(self, grads):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
+    def _buckets(self, params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        out = []
         for group in by_dtype.values():
             bucket, size = [], 0
-            for g in group:
-                nb = g.numel() * g.element_size()
+            for p in group:
+                nb = p.numel() * p.element_size()
                 if bucket and size + nb > self.bucket_bytes:
-                    yield bucket
+                    out.append(bucket)
                     bucket, size = [], 0
-                bucket.append(g)
+                bucket.append(p)
                 size += nb
             if bucket:
-                yield bucket
+                out.append(bucket)
+        return out
 
     @torch.no_grad()
     def _sync(self) -> None:
         self._queued = False
-        grads = [p.grad for p in self.params if p.grad is not None]
-        for bucket in self._buckets(grads):
-            flat = _flatten_dense_tensors(bucket)
+        for bucket in self.buckets:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+            flat = _flatten_dense_tensors(grads)
             all_reduce(flat, self.group)
             flat.div_(self.world)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
+            for p, synced in zip(bucket, _unflatten_dense_tensors(flat, grads)):
+                if p.grad is None:
+                    p.grad = synced.clone()
+                else:
+                    p.grad.copy_(synced)
         self.syncs += 1
 
     @contextlib.contextmanager

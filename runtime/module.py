@@ -1,38 +1,87 @@
 """DistributedModule: what auto_parallelize returns on each rank.
 
-It takes the *global* batch (every rank passes the same inputs), keeps its data-parallel slice, runs
-the rewritten graph, and returns the loss averaged over data-parallel ranks (its gradient is the
-local one; ``GradSync`` averages the gradients). Parameters keep their original names.
+It takes the *global* batch (every rank passes the same inputs), keeps its data-parallel slice
+(``BatchSplit``), runs the rewritten graph, and returns the loss averaged over data-parallel ranks
+(its gradient is the local one; ``GradSync`` averages the gradients). Parameters keep their
+original names.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from runtime.collectives import all_gather, all_reduce_mean_scalar
+from search.errors import BadInput
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """Which inputs carry the batch (positions ``args``, keywords ``kwargs``) and this rank's slice of them.
+
+    Recorded once from the example inputs by :meth:`from_example`; every call is then checked against
+    it, so an input is never sliced because its size happens to match.
+    """
+
+    global_batch: int
+    dp: int
+    dp_rank: int
+    args: tuple[int, ...]
+    kwargs: tuple[str, ...]
+
+    @classmethod
+    def from_example(cls, args: tuple, kwargs: dict, global_batch: int, dp: int, dp_rank: int) -> BatchSplit:
+        """Batched inputs are the example's tensors whose first dimension is ``global_batch``."""
+        if global_batch % dp:
+            raise BadInput(f"global batch {global_batch} does not split over dp={dp} data-parallel ranks; "
+                           "re-plan, or use a global batch divisible by dp")
+
+        def batched(x):
+            return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == global_batch
+
+        split = cls(global_batch, dp, dp_rank, tuple(i for i, a in enumerate(args) if batched(a)),
+                    tuple(k for k, v in kwargs.items() if batched(v)))
+        if not split.args and not split.kwargs:
+            raise BadInput(f"no example input has the plan's global batch {global_batch} as its first dimension; "
+                           "pass example inputs holding the global batch the plan was made for")
+        return split
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """This rank's data-parallel slice of the batched inputs of one call (others pass through)."""
+        args, kwargs = list(args), dict(kwargs)
+        for i in self.args:
+            if i >= len(args):
+                raise BadInput(f"positional input {i} holds the batch in the example but is missing in this call")
+            args[i] = self._take(args[i], f"positional input {i}")
+        for k in self.kwargs:
+            if k not in kwargs:
+                raise BadInput(f"keyword input {k!r} holds the batch in the example but is missing in this call")
+            kwargs[k] = self._take(kwargs[k], f"keyword input {k!r}")
+        return tuple(args), kwargs
+
+    def _take(self, x, where: str):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.global_batch:
+            got = f"first dimension {x.shape[0]}" if isinstance(x, torch.Tensor) and x.dim() else type(x).__name__
+            raise BadInput(f"{where} has {got}, but the plan was made for global batch {self.global_batch}; "
+                           "every rank passes the same global batch (re-plan for another batch size)")
+        n = self.global_batch // self.dp
+        return x.narrow(0, self.dp_rank * n, n)
 
 
 class DistributedModule(torch.nn.Module):
-    def __init__(self, gm: torch.fx.GraphModule, plan, mesh, grad_sync, param_shards: dict[str, tuple[int, int]]):
+    def __init__(self, gm: torch.fx.GraphModule, plan, mesh, grad_sync, param_shards: dict[str, tuple[int, int]],
+                 batch: BatchSplit):
         super().__init__()
         self.gm = gm
         self.plan = plan
         self.mesh = mesh
         self.grad_sync = grad_sync
         self.param_shards = dict(param_shards)
+        self.batch = batch
         self.dp = mesh.size("dp")
-        self.dp_rank = mesh.local_rank("dp")
-        self.global_batch = plan.global_batch
-
-    def local_batch(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """This rank's data-parallel slice of every input whose first dim is the global batch."""
-        def take(x):
-            if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == self.global_batch and self.dp > 1:
-                return x.chunk(self.dp, dim=0)[self.dp_rank]
-            return x
-        return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
 
     def forward(self, *args, **kwargs):
-        args, kwargs = self.local_batch(args, kwargs)
+        args, kwargs = self.batch(args, kwargs)
         out = self.gm(*args, **kwargs)
         if self.dp == 1:
             return out
@@ -52,7 +101,13 @@ class DistributedModule(torch.nn.Module):
         return self.gm.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.gm.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Copy local shards (original names) into the parameters. ``assign=True`` is refused: it would
+        replace the parameters, dropping gradient averaging and untying shared ones."""
+        if assign:
+            raise BadInput("DistributedModule.load_state_dict(assign=True) would replace the parameters, which "
+                           "drops gradient averaging and unties shared ones (e.g. tied embeddings); "
+                           "load with assign=False, which copies into the local shards")
+        return self.gm.load_state_dict(state_dict, strict=strict)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded tensors under the original names (collective: every rank must call it);

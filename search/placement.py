@@ -91,15 +91,31 @@ def _shape(n) -> tuple[int, ...] | None:
     return None
 
 
-def choose_styles(gm: fx.GraphModule, tp: int) -> dict[str, tuple[str, int]]:
-    """Megatron pattern by trial: make replicated-input linears colwise when their sharded cone
-    closes cleanly at rowwise linears (attention: qkv -> proj, MLP: fc1 -> fc2); else keep them replicated."""
-    styles: dict[str, tuple[str, int]] = {}
+@dataclass(frozen=True)
+class Cone:
+    """One Megatron unit: colwise linears reading one input, the rowwise linears that close their
+    sharded region, and the nodes whose work is split tp ways (region and closers)."""
+
+    styles: tuple[tuple[str, tuple[str, int]], ...]   # (module FQN, (style, groups)) in graph order
+    nodes: tuple[str, ...]                            # node names computed on 1/tp of the data
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(m for m, _ in self.styles)
+
+
+def megatron_cones(gm: fx.GraphModule, tp: int) -> list[Cone]:
+    """Every Megatron cone of ``gm`` for ``tp``, in graph order: replicated-input linears become
+    colwise when their sharded cone closes cleanly at rowwise linears (attention: qkv -> proj,
+    MLP: fc1 -> fc2); linears whose cone does not close stay replicated. Cones are disjoint, so
+    any subset of them is a valid layout."""
     if tp == 1:
-        return styles
+        return []
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     decided: set[str] = set()
+    styles: dict[str, tuple[str, int]] = {}
+    cones: list[Cone] = []
     for node in nodes:
         w = weight_of(gm, node)
         if w is None or module_of(w) in decided:
@@ -108,19 +124,24 @@ def choose_styles(gm: fx.GraphModule, tp: int) -> dict[str, tuple[str, int]]:
         x = _linear_input(node)
         siblings = [u for u in x.users if weight_of(gm, u) is not None and _linear_input(u) is x
                     and module_of(weight_of(gm, u)) not in decided]
-        trial = dict(styles)
-        for sib in siblings:
-            trial[module_of(weight_of(gm, sib))] = ("colwise", _split_groups(sib))
+        mine = {module_of(weight_of(gm, sib)): ("colwise", _split_groups(sib)) for sib in siblings}
+        decided.update(mine)
         try:
-            closers = _propagate_cone(gm, siblings, trial, tp, index)
+            closers, placement = _propagate_cone(gm, siblings, {**styles, **mine}, tp, index)
         except Unsupported:
-            decided.update(module_of(weight_of(gm, sib)) for sib in siblings)
             continue
         for rowwise in closers:
-            trial[module_of(weight_of(gm, rowwise))] = ("rowwise", 1)
-        styles = trial
-        decided.update(trial)
-    return styles
+            mine[module_of(weight_of(gm, rowwise))] = ("rowwise", 1)
+        decided.update(mine)
+        styles.update(mine)
+        inside = [n for n, p in placement.items() if p is not None] + closers
+        cones.append(Cone(styles=tuple(mine.items()), nodes=tuple(n.name for n in sorted(inside, key=index.get))))
+    return cones
+
+
+def choose_styles(gm: fx.GraphModule, tp: int) -> dict[str, tuple[str, int]]:
+    """The full Megatron layout: every cone of :func:`megatron_cones` sharded."""
+    return {m: style for cone in megatron_cones(gm, tp) for m, style in cone.styles}
 
 
 def _linear_input(node: fx.Node) -> fx.Node:
@@ -148,8 +169,9 @@ def _split_groups(node: fx.Node) -> int:
     return 1
 
 
-def _propagate_cone(gm, starts: list[fx.Node], styles, tp, index) -> list[fx.Node]:
-    """Propagate colwise ``starts`` forward; return the rowwise linears that close their cone."""
+def _propagate_cone(gm, starts: list[fx.Node], styles, tp, index) -> tuple[list[fx.Node], dict]:
+    """Propagate colwise ``starts`` forward; return the rowwise linears that close their cone and
+    the placement of every node reached."""
     placement: dict[fx.Node, Shard | None] = {}
     heap = []
     for start in starts:
@@ -176,7 +198,7 @@ def _propagate_cone(gm, starts: list[fx.Node], styles, tp, index) -> list[fx.Nod
         if out is not None:
             for u in node.users:
                 heapq.heappush(heap, (index[u], u.name, u))
-    return closers
+    return closers, placement
 
 
 def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -> Layout:
@@ -204,7 +226,7 @@ def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -
         style, groups = styles[module_of(w)]
         op = op_name(node)
         x = _linear_input(node)
-        bias = _bias(node)
+        bias = bias_of(node)
         if style == "colwise":
             copy_inputs[x.name] = None
             layout.param_shards[w] = (0 if op == "linear" else 1, groups)
@@ -222,16 +244,16 @@ def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -
 def _check_private_params(gm: fx.GraphModule, node: fx.Node) -> None:
     """A sharded weight or bias must be read by its own linear only: a tied weight or a regulariser
     reading it elsewhere would see one shard as if it were the whole tensor."""
-    for p in (node.args[1] if op_name(node) == "linear" else node.args[2], _bias(node)):
+    for p in (node.args[1] if op_name(node) == "linear" else node.args[2], bias_of(node)):
         if p is None:
             continue
-        readers = [u for g in gm.graph.find_nodes(op="get_attr", target=p.target) for u in g.users]
+        readers = list(p.users)  # torch.export reads each parameter through one get_attr node
         if readers != [node]:
             raise Unsupported(f"{node.name}: parameter {p.target} is also read by "
                               f"{', '.join(sorted(u.name for u in readers if u is not node))}")
 
 
-def _bias(node: fx.Node) -> fx.Node | None:
+def bias_of(node: fx.Node) -> fx.Node | None:
     op = op_name(node)
     b = node.args[2] if op == "linear" and len(node.args) > 2 else (node.args[0] if op == "addmm" else None)
     return b if isinstance(b, fx.Node) else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -115,6 +116,9 @@ def test_parse_fix():
         "dp": 2, "tp": 4, "zero": 0, "schedule": "1f1b", "microbatches": 8}
     with pytest.raises(BadInput):
         parse_fix("pp=1,xx")
+    assert parse_fix("recompute=none,tp=2") == {"recompute": "none", "tp": 2}
+    with pytest.raises(BadInput, match="unknown recompute 'half'"):
+        parse_fix("recompute=half")
 
 
 # ------------------------------------------------------------------ plan, with a stand-in planner.api
@@ -224,3 +228,18 @@ def test_real_plan_on_zoo_model(tmp_path, capsys):
     p = Plan.from_json(out1)
     assert p.cluster["devices"] == 8
     assert main(["explain", str(out1)]) == 0
+
+
+def test_real_plan_infeasible_names_minimum_memory(capsys):
+    """needs: planner.api, examples.zoo — no stand-ins: gpt2-small cannot fit 0.1 GiB per device."""
+    args = ["plan", "gpt2-small", "--devices", "8", "--format", "json"]
+    assert main(args + ["--memory-limit", "0.1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: no plan fits 0.1 GiB per device"), err
+    _no_traceback(err)
+    need = float(re.search(r"needs ([0-9.]+) GiB", err).group(1))
+    assert need > 0.1
+    # the named need is the minimum: 1% more fits, and nothing fitting needs less than 1% below it
+    assert main(args + ["--memory-limit", f"{need * 1.01:.4f}"]) == 0, capsys.readouterr().err
+    peak = json.loads(capsys.readouterr().out)["predicted"]["peak_memory_bytes"] / 2**30
+    assert need * 0.99 <= peak <= need * 1.01

@@ -80,10 +80,11 @@ def _check_case(spec: str, cons: dict) -> dict:
     names = [n for n, _ in dmodel.named_parameters()]
     res["missing_names"] = [n for n in names if n not in ref_params]
     tp, tp_rank = dmodel.mesh.size("tp"), dmodel.mesh.local_rank("tp")
-    grad_diff, worst, no_grad = 0.0, None, []
+    grad_diff, worst, no_grad, compared = 0.0, None, [], set()
     for name, p in dmodel.named_parameters():
         if name not in ref_params:
             continue
+        compared.add(id(ref_params[name]))
         rg = ref_params[name].grad
         if p.grad is None or rg is None:
             if (p.grad is None) != (rg is None):
@@ -99,6 +100,9 @@ def _check_case(spec: str, cons: dict) -> dict:
         if d > grad_diff:
             grad_diff, worst = d, name
     res["grad"], res["worst_grad"], res["grad_problems"] = grad_diff, worst, no_grad
+    # tied parameters count once, under whichever of their names the emitted module keeps
+    res["uncompared"] = [n for n, p in ref.named_parameters() if p.grad is not None and id(p) not in compared]
+    res["compared"] = len(compared)
     res["sharded"] = sorted(dmodel.param_shards) if tp > 1 else []
 
     # full_state_dict (collective) loads strictly into a fresh plain model and reproduces the loss
@@ -128,7 +132,7 @@ def _check_case(spec: str, cons: dict) -> dict:
     return res
 
 
-def _all_cases(rank, world, cases, bad_input):
+def _all_cases(rank, world, cases, extras):
     out = {}
     for spec, cons in cases:
         t0 = time.perf_counter()
@@ -140,8 +144,9 @@ def _all_cases(rank, world, cases, bad_input):
             raise RuntimeError(f"case {_key(spec, cons)} failed on rank {rank}") from exc
         r["seconds"] = round(time.perf_counter() - t0, 2)
         out[_key(spec, cons)] = r
-    if bad_input:
+    if extras:
         out["bad_input"] = _bad_input(world)
+        out.update(_extras(rank, world))
     return out
 
 
@@ -159,6 +164,58 @@ def _bad_input(world):
     except Exception as exc:  # noqa: BLE001
         return {"raised": type(exc).__name__, "message": str(exc), "plan_devices": plan.cluster["devices"]}
     return {"raised": None, "message": "", "plan_devices": plan.cluster["devices"]}
+
+
+def _raised(fn) -> dict:
+    """What ``fn()`` raised, as plain data for the parent."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
+def _extras(rank, world) -> dict:
+    """gpt-tiny on 2 ranks: rank 0 plans, batched inputs, load_state_dict, recompute refused and pinned."""
+    import torch
+
+    from planner.api import auto_parallelize, load_cluster, make_plan
+
+    out = {}
+    model, args, kwargs = _build("gpt-tiny")
+    ref = copy.deepcopy(model)
+
+    # rank 0's constraints decide: rank 1 asks for tp=2 but must get rank 0's dp=2 plan
+    dmodel = auto_parallelize(model, (args, kwargs), constraints={"dp": 2} if rank == 0 else {"tp": 2})
+    out["rank0_degrees"] = {k: dmodel.plan.degrees[k] for k in ("dp", "tp")}
+    out["batched"] = (dmodel.batch.args, dmodel.batch.kwargs)
+    out["half_batch"] = _raised(lambda: dmodel(*(a[:2] for a in args), **kwargs))
+
+    # load_state_dict: assign=True (would replace the parameters) is refused; a copying load of new
+    # weights keeps the gradients averaged over dp
+    with torch.no_grad():
+        new = {k: v * 1.5 for k, v in ref.state_dict().items()}
+    out["assign"] = _raised(lambda: dmodel.load_state_dict(new, assign=True))
+    ref.load_state_dict(new)
+    dmodel.load_state_dict(new)
+    _loss(ref(*args, **kwargs)).backward()
+    _loss(dmodel(*args, **kwargs)).backward()
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    out["loaded_grad"] = max(float("inf") if p.grad is None else (p.grad - ref_params[n].grad).abs().max().item()
+                             for n, p in dmodel.named_parameters())
+
+    # a plan with recompute is refused; auto_parallelize pins recompute=none, so a memory limit only
+    # full recompute meets is infeasible (gpt-tiny, dp=2: 2.18 MB with full recompute, 2.44 MB without)
+    full = make_plan(model, (args, kwargs), load_cluster("cpu", world), dtype="fp32",
+                     fix={"dp": 2, "zero": 0, "microbatches": 1, "recompute": "full"})
+    out["recompute_plan"] = _raised(lambda: auto_parallelize(model, (args, kwargs), plan=full))
+    out["recompute_pinned"] = _raised(lambda: auto_parallelize(
+        model, (args, kwargs), constraints={"dp": 2}, memory_limit=full.predicted["peak_memory_bytes"] + 1024))
+
+    # rank 0's planning error reaches every rank (rank 1 alone would find a plan)
+    out["rank0_error"] = _raised(lambda: auto_parallelize(model, (args, kwargs),
+                                                          memory_limit=1.0 if rank == 0 else None))
+    return out
 
 
 _RESULTS: dict[int, object] = {}
@@ -198,6 +255,8 @@ def test_emit_matches_single_process(world, key):
             assert r["degrees"][k] == int(v), f"{where}: plan degrees {r['degrees']} ignore constraints {cons}"
         assert not r["missing_names"], f"{where}: parameter names not in the original model: {r['missing_names']}"
         assert not r["grad_problems"], f"{where}: gradient problems: {r['grad_problems']}"
+        assert not r["uncompared"] and r["compared"] > 0, \
+            f"{where}: reference gradients never compared: {r['uncompared']} ({r['compared']} compared)"
         assert r["loss"] <= TOL, f"{where}: loss differs by {r['loss']:.3g}"
         assert r["grad"] <= TOL, f"{where}: grad of {r['worst_grad']} differs by {r['grad']:.3g}"
         if "tp" in cons:
@@ -214,6 +273,39 @@ def test_plan_for_other_device_count_is_bad_input():
         assert r["plan_devices"] == 4
         assert r["raised"] == "BadInput", f"rank {rank}: expected BadInput, got {r['raised']}: {r['message']}"
         assert "4 devices" in r["message"] and "2 ranks" in r["message"], r["message"]
+
+
+def test_every_rank_emits_rank0_plan():
+    for rank, r in enumerate(_results(2)):
+        assert r["rank0_degrees"] == {"dp": 2, "tp": 1}, f"rank {rank} emitted {r['rank0_degrees']}"
+
+
+def test_batched_inputs_recorded_and_checked():
+    for rank, r in enumerate(_results(2)):
+        assert r["batched"] == ((0, 1), ()), r["batched"]
+        h = r["half_batch"]
+        assert h["raised"] == "BadInput", f"rank {rank}: a half batch gave {h}"
+        assert "positional input 0 has first dimension 2" in h["message"] and "global batch 4" in h["message"]
+
+
+def test_load_state_dict_keeps_grad_sync():
+    for rank, r in enumerate(_results(2)):
+        assert r["assign"]["raised"] == "BadInput" and "assign=False" in r["assign"]["message"], r["assign"]
+        assert r["loaded_grad"] <= TOL, f"rank {rank}: after load_state_dict grads differ by {r['loaded_grad']:.3g}"
+
+
+def test_recompute_refused_and_pinned():
+    for rank, r in enumerate(_results(2)):
+        assert r["recompute_plan"]["raised"] == "BadInput", r["recompute_plan"]
+        assert "recompute=full" in r["recompute_plan"]["message"]
+        assert r["recompute_pinned"]["raised"] == "Infeasible", r["recompute_pinned"]
+        assert "recompute=none" in r["recompute_pinned"]["message"]
+
+
+def test_rank0_planning_error_raised_on_every_rank():
+    per_rank = [r["rank0_error"] for r in _results(2)]
+    assert per_rank[0]["raised"] == "Infeasible" and "needs" in per_rank[0]["message"], per_rank[0]
+    assert per_rank[1] == per_rank[0]
 
 
 CRASH_SCRIPT = textwrap.dedent("""

@@ -27,6 +27,7 @@ from runtime.collectives import (
 )
 from runtime.dp import GradSync
 from runtime.mesh import Mesh, init_distributed
+from runtime.module import BatchSplit
 from search.errors import BadInput
 
 TOL = 1e-5
@@ -141,6 +142,29 @@ def _grad_sync(rank: int, world: int) -> dict:
     return out
 
 
+def _grad_sync_unused(rank: int, world: int) -> dict:
+    """A parameter only rank 0 uses: every rank issues the same all-reduces and gets the average."""
+    g = torch.Generator().manual_seed(3)
+    X, Y = torch.randn(2 * world, 6, generator=g), torch.randn(2 * world, 3, generator=g)
+    lossf = torch.nn.MSELoss()
+
+    def loss_of(model, extra, r):  # rank r's shard; only rank 0 adds `extra`
+        out = model(X[2 * r:2 * r + 2])
+        return lossf(out + extra if r == 0 else out, Y[2 * r:2 * r + 2])
+
+    ref, ref_extra = _make_dp_model(), torch.nn.Parameter(torch.ones(3))
+    (sum(loss_of(ref, ref_extra, r) for r in range(world)) / world).backward()
+    model, extra = _make_dp_model(), torch.nn.Parameter(torch.ones(3))
+    sync = GradSync([*model.parameters(), extra], dist.group.WORLD, bucket_bytes=128)
+    comm_stats.reset()
+    loss_of(model, extra, rank).backward()
+    sync.remove()
+    params, ref_params = [*model.parameters(), extra], [*ref.parameters(), ref_extra]
+    return {"calls": comm_stats.snapshot()["all_reduce"]["calls"],
+            "missing": [i for i, p in enumerate(params) if p.grad is None],
+            "diff": max(_maxdiff(p.grad, r.grad) for p, r in zip(params, ref_params) if p.grad is not None)}
+
+
 def _collective_values(rank: int, world: int) -> dict:
     """copy_to_group / reduce_from_group / counted wrappers: values and exact byte counts."""
     out = {}
@@ -195,6 +219,7 @@ def _launch_two(rank: int, world: int) -> dict:
     out["coll"] = _collective_values(rank, world)
     out["mlp"] = _megatron_mlp(rank, world)
     out["dp"] = _grad_sync(rank, world)
+    out["dp_unused"] = _grad_sync_unused(rank, world)
     try:
         Mesh({"dp": 2, "tp": 2})
         out["bad_mesh"] = "no error"
@@ -300,6 +325,31 @@ def test_grad_sync_dp2(two):
         assert d["accum_diff"] <= TOL, d
         assert d["bucket_calls"] == 3 and d["bucket_bytes"] == d["expect_bytes"], d
         assert d["bucket_diff"] <= TOL, d
+
+
+def test_grad_sync_parameter_unused_on_one_rank(two):
+    for rank, r in enumerate(two):
+        d = r["dp_unused"]
+        assert d["calls"] == 3 and not d["missing"], d  # buckets W1 | b1 W2 | b2 extra on both ranks
+        assert d["diff"] <= TOL, d
+
+
+def test_batch_split_records_and_checks_batched_inputs():
+    x, y, w = torch.arange(8.0).reshape(4, 2), torch.arange(4), torch.ones(3)
+    split = BatchSplit.from_example((x, w), {"labels": y, "n": 3}, global_batch=4, dp=2, dp_rank=1)
+    assert (split.args, split.kwargs) == ((0,), ("labels",))
+    args, kwargs = split((x, w), {"labels": y, "n": 3})
+    assert args[0].tolist() == [[4.0, 5.0], [6.0, 7.0]] and args[1] is w
+    assert kwargs["labels"].tolist() == [2, 3] and kwargs["n"] == 3
+    with pytest.raises(BadInput, match="positional input 0 has first dimension 2, but the plan was made for "
+                                       "global batch 4"):
+        split((x[:2], w), {"labels": y, "n": 3})
+    with pytest.raises(BadInput, match="keyword input 'labels' holds the batch in the example but is missing"):
+        split((x, w), {"n": 3})
+    with pytest.raises(BadInput, match="global batch 3 does not split over dp=2"):
+        BatchSplit.from_example((x[:3],), {}, global_batch=3, dp=2, dp_rank=0)
+    with pytest.raises(BadInput, match="no example input has the plan's global batch 8"):
+        BatchSplit.from_example((x,), {}, global_batch=8, dp=2, dp_rank=0)
 
 
 def test_init_and_mesh_on_two(two):
