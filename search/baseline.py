@@ -41,8 +41,13 @@ class Candidate:
     comm_bytes: float = 0.0                          # bytes one device sends per step
     feasible: bool = True
     reason: str = ""
-    styles: dict = field(default_factory=dict)     # module FQN -> (style, groups) of this tp layout
+    layout: TPStats | None = None                  # the tensor-parallel layout priced
     solver: dict = field(default_factory=dict)     # how the layout was chosen: status, gap, variables
+
+    @property
+    def styles(self) -> dict[str, tuple[str, int]]:
+        """Module FQN -> (style, groups) of this tp layout."""
+        return self.layout.styles if self.layout is not None else {}
 
     @property
     def peak_memory(self) -> float:
@@ -170,7 +175,7 @@ def _price_layout(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, 
 def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
            recompute: str, global_batch: int, graph_batch: int, limit: float) -> Candidate:
     """Price one candidate; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
-    c = Candidate(dp, st.tp, zero, micro, m, recompute, styles=st.styles)
+    c = Candidate(dp, st.tp, zero, micro, m, recompute, layout=st)
     mesh = (dp, st.tp)
     dp_spans = cost.group_spans_nodes(mesh, 0, cl.devices_per_node)
     tp_spans = cost.group_spans_nodes(mesh, 1, cl.devices_per_node)
@@ -182,10 +187,10 @@ def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: in
     compute = cost.compute_time(flops, dtype, cl) + cost.memory_time(moved, cl)
     tp_time = tp_bytes = 0.0
     per_sample = scale / graph_batch * micro
-    for nbytes in w.allreduce_bytes:  # logical size for the captured batch; one per microbatch
+    for nbytes, count in w.allreduces:  # logical size for the captured batch; once per microbatch
         b = nbytes * per_sample
-        tp_time += m * cost.collective_time("all_reduce", b, st.tp, cl, spans_nodes=tp_spans)
-        tp_bytes += m * cost.bytes_sent_per_rank("all_reduce", b, st.tp)
+        tp_time += count * m * cost.collective_time("all_reduce", b, st.tp, cl, spans_nodes=tp_spans)
+        tp_bytes += count * m * cost.bytes_sent_per_rank("all_reduce", b, st.tp)
     grad_bytes = w.params * _DTYPE_BYTES[dtype]
     if zero <= 1:
         dp_kinds = [("all_reduce", grad_bytes, 1)]

@@ -17,16 +17,19 @@ Preprocessing (exact):
 Formulation: s_v binary one-hot; e_uv[i][j] ∈ [0, 1] continuous with Alpa's marginal constraints
 Σ_j e_uv[i][j] = s_u[i], Σ_i e_uv[i][j] = s_v[j] (one-hot s forces e integral). ``linearization="mccormick"``
 is the standard one (e ≥ s_u[i] + s_v[j] − 1, only where R > 0): fewer variables, but its LP relaxation is
-weak (s = ½ makes every e zero), and on the 5k instance below HiGHS had not closed the gap after 60 s.
+weak (s = ½ makes every e zero): on the 5k DAG with a memory limit HiGHS still had a 0.2% gap after 60 s
+(SCIP: optimal in 41 s) against 1.08 s with ``alpa``, the default.
 
 Backends (``backend=``), through OR-Tools MathOpt with a fixed seed, zero gap tolerance and one thread
 (HiGHS keeps its own default): "highs" (default), "scip", "cp-sat". Measured by bench/run_ilp_backends.py on
 this 2-core machine (seconds including preprocessing and model build; 60 s limit):
 
-    instance (memory limit binding)   highs   highs via pywraplp   cbc (pywraplp)   scip   cp-sat (1 worker)
-    ~5k variables, no limit           0.38    0.59                 1.34             0.49   not optimal at 60 s
-    ~5k variables, memory limit       1.51    2.64                 6.55             6.21   not optimal at 60 s
-    chain 2000 × 4 (40k), memory      4.84    17.0                 not optimal      16.7   -
+    instance (vars)                  highs   highs via pywraplp   cbc (pywraplp)   scip   cp-sat (1 worker)
+    DAG (5,020), no memory limit     0.31    0.47                 0.80             0.33   gap 95% at 60 s
+    DAG (5,040), memory limit        1.08    2.01                 4.80             5.05   gap 79% at 60 s
+    chain 2000 × 4 (39,984), limit   4.86    16.8                 not optimal      16.3   -
+
+CBC is not in MathOpt and was slower than HiGHS throughout, so it is not offered.
 
 Determinism: one thread (HiGHS: deterministic itself) and a fixed seed; afterwards each node, in index order,
 moves to its lowest-index strategy that raises neither the objective nor the memory above the limit, so ties

@@ -104,11 +104,12 @@ class Cone:
         return tuple(m for m, _ in self.styles)
 
 
-def megatron_cones(gm: fx.GraphModule, tp: int) -> list[Cone]:
+def megatron_cones(gm: fx.GraphModule, tp: int, starts: set[fx.Node] | None = None) -> list[Cone]:
     """Every Megatron cone of ``gm`` for ``tp``, in graph order: replicated-input linears become
     colwise when their sharded cone closes cleanly at rowwise linears (attention: qkv -> proj,
     MLP: fc1 -> fc2); linears whose cone does not close stay replicated. Cones are disjoint, so
-    any subset of them is a valid layout."""
+    any subset of them is a valid layout. ``starts`` limits which linears may open a cone (the
+    search passes one instance per template and maps the cones to the others)."""
     if tp == 1:
         return []
     nodes = list(gm.graph.nodes)
@@ -118,7 +119,7 @@ def megatron_cones(gm: fx.GraphModule, tp: int) -> list[Cone]:
     cones: list[Cone] = []
     for node in nodes:
         w = weight_of(gm, node)
-        if w is None or module_of(w) in decided:
+        if w is None or module_of(w) in decided or (starts is not None and node not in starts):
             continue
         # linears reading the same input (q/k/v, gate/up) are sharded together or not at all
         x = _linear_input(node)

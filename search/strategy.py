@@ -30,13 +30,13 @@ def ilp_select(space: Space, price: Callable[[dict[str, int]], Candidate], limit
     for choice in space.choices:
         one = price({choice.key: 1})
         dt, dm = one.step_time_s - base.step_time_s, one.peak_memory - base.peak_memory
-        counts = range(len(choice.cones) + 1)
+        counts = range(choice.instances + 1)
         problem.add_node([n * dt for n in counts], [n * dm for n in counts])
     sol = solve(problem, memory_limit=limit - base.peak_memory, time_limit_s=TIME_LIMIT_S)
     if sol.choice is None:  # nothing fits: report the leanest layout (priced, infeasible)
         counts = [min(range(len(m)), key=m.__getitem__) for m in problem.memories]
     elif not any(sol.choice):  # sharding nothing would replicate the model tp ways: that is dp=1, not tp
-        counts = [len(c.cones) for c in space.choices]
+        counts = [c.instances for c in space.choices]
     else:
         counts = sol.choice
     cand = price({c.key: n for c, n in zip(space.choices, counts)})

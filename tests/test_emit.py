@@ -8,6 +8,7 @@ asserts per case. Plus one torchrun launch checking that a rank crash fails the 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,10 @@ HF_LLAMA = ("hf:llama:num_hidden_layers=2,hidden_size=64,intermediate_size=128,n
             "num_key_value_heads=4,vocab_size=128,attention_dropout=0")
 
 CASES_2 = [(m, c) for m in (*ZOO, HF_GPT2, HF_LLAMA) for c in ({"tp": 2}, {"dp": 2})]
-CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, HF_GPT2)]
+# "keep=mlp": the full Megatron plan with only the cones whose modules contain "mlp" (any subset of
+# cones is a layout the ILP may choose)
+CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, "bert-tiny", HF_GPT2)] + [("gpt-tiny", {"dp": 2, "tp": 2,
+                                                                                          "keep": "mlp"})]
 
 
 def _build(spec: str):
@@ -65,7 +69,10 @@ def _check_case(spec: str, cons: dict) -> dict:
     model.train()
     ref = copy.deepcopy(model)
     t0 = time.perf_counter()
-    dmodel = auto_parallelize(model, (args, kwargs), constraints=cons)
+    if "keep" in cons:
+        dmodel = auto_parallelize(model, (args, kwargs), plan=_partial_plan(model, args, kwargs, cons))
+    else:
+        dmodel = auto_parallelize(model, (args, kwargs), constraints=cons)
     t_par = time.perf_counter() - t0
     deg = dmodel.plan.degrees
     res = {"degrees": {k: deg[k] for k in ("dp", "tp", "zero")}, "parallelize_s": round(t_par, 2)}
@@ -130,6 +137,19 @@ def _check_case(spec: str, cons: dict) -> dict:
     res["loss_step2"] = abs(l2 - r2)
     res["step2_changed"] = abs(r2 - ref_loss.item()) > 1e-6
     return res
+
+
+def _partial_plan(model, args, kwargs, cons):
+    """The enumerator's plan for ``cons`` (on the a100 profile: no cpu calibration on every rank) with
+    only the tensor-parallel styles of modules whose name contains ``cons["keep"]``."""
+    from planner.api import load_cluster, make_plan
+    from planner.plan import Plan
+
+    fix = {"dp": cons["dp"], "tp": cons["tp"], "zero": 0, "microbatches": 1, "recompute": "none"}
+    plan = json.loads(make_plan(model, (args, kwargs), load_cluster("a100-80g", cons["dp"] * cons["tp"]),
+                                dtype="fp32", fix=fix, search="enumerate").to_json())
+    plan["tensor_parallel"] = {m: v for m, v in plan["tensor_parallel"].items() if cons["keep"] in m}
+    return Plan.from_dict(plan)
 
 
 def _all_cases(rank, world, cases, extras):
@@ -252,6 +272,9 @@ def test_emit_matches_single_process(world, key):
         assert "error" not in r, f"{where} raised:\n{r['error']}"
         cons = dict(kv.split("=") for kv in key.split("/")[1].split(","))
         for k, v in cons.items():
+            if k == "keep":
+                assert r["sharded"] and all(v in n for n in r["sharded"]), f"{where}: sharded {r['sharded']}"
+                continue
             assert r["degrees"][k] == int(v), f"{where}: plan degrees {r['degrees']} ignore constraints {cons}"
         assert not r["missing_names"], f"{where}: parameter names not in the original model: {r['missing_names']}"
         assert not r["grad_problems"], f"{where}: gradient problems: {r['grad_problems']}"
