@@ -1,9 +1,10 @@
 """ILP strategy search: which tensor-parallel cones to shard, for one (dp, tp, ZeRO, microbatch, recompute).
 
 Each choice of the :class:`search.space.Space` (one cone position of a template, or a cone outside
-repeated blocks) is an ILP node whose strategy ``n`` shards its first ``n`` instances. Instances are
-identical, so the count is all that matters and the folded ILP has the optimum of the per-instance
-one. Cost and memory coefficients are the exact differences the cost model prices for one instance
+repeated blocks) shards its first ``n`` instances. Instances are identical, so the count is all that
+matters and the folded ILP has the optimum of the per-instance one. The count is encoded in binary
+(bounded-knapsack splitting: parts 1, 2, 4, …, and a remainder, each a 0/1 ILP node), so a choice
+over k instances costs O(log k) ILP nodes. Cost and memory coefficients are the exact differences the cost model prices for one instance
 (``price({key: 1}) - price({})``): step time and per-device memory are affine in the work of the
 sharded cones, except the largest-block term under full recompute, which the final exact pricing of
 the chosen layout settles. Pricing runs once per choice, not once per instance: with folding the
@@ -26,19 +27,34 @@ def ilp_select(space: Space, price: Callable[[dict[str, int]], Candidate], limit
     if not space.choices:
         base.solver = {"status": "optimal", "gap": 0.0, "variables": 0}
         return base
-    problem = IlpProblem()
+    problem, parts = IlpProblem(), []
     for choice in space.choices:
         one = price({choice.key: 1})
         dt, dm = one.step_time_s - base.step_time_s, one.peak_memory - base.peak_memory
-        counts = range(choice.instances + 1)
-        problem.add_node([n * dt for n in counts], [n * dm for n in counts])
+        for part in _binary_parts(choice.instances):
+            problem.add_node([0.0, part * dt], [0.0, part * dm])
+            parts.append((choice.key, part))
     sol = solve(problem, memory_limit=limit - base.peak_memory, time_limit_s=TIME_LIMIT_S)
     if sol.choice is None:  # nothing fits: report the leanest layout (priced, infeasible)
-        counts = [min(range(len(m)), key=m.__getitem__) for m in problem.memories]
+        picked = [int(m[1] < m[0]) for m in problem.memories]
     elif not any(sol.choice):  # sharding nothing would replicate the model tp ways: that is dp=1, not tp
-        counts = [c.instances for c in space.choices]
+        picked = [1] * len(parts)
     else:
-        counts = sol.choice
-    cand = price({c.key: n for c, n in zip(space.choices, counts)})
+        picked = sol.choice
+    counts: dict[str, int] = {}
+    for (key, part), on in zip(parts, picked):
+        counts[key] = counts.get(key, 0) + part * on
+    cand = price(counts)
     cand.solver = {"status": sol.status, "gap": sol.gap or 0.0, "variables": sum(len(c) for c in problem.costs)}
     return cand
+
+
+def _binary_parts(k: int) -> list[int]:
+    """Parts whose subset sums are exactly 0..k: 1, 2, 4, ... and the remainder (``7 -> [1, 2, 4]``,
+    ``12 -> [1, 2, 4, 5]``)."""
+    parts, p = [], 1
+    while k > 0:
+        parts.append(min(p, k))
+        k -= parts[-1]
+        p *= 2
+    return parts
