@@ -11,10 +11,11 @@ from search.errors import BadInput
 from search.placement import propagate
 
 
-def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:
-    """Rewrite ``gm`` for this rank as ``plan`` says. ``gm`` was captured on this rank's slice of the
-    example inputs (``batch``); ``mesh`` is the plan's {"dp", "tp"} mesh."""
-    deg = plan.degrees
+def check_emittable(plan) -> None:
+    """BadInput for plan features autopar prices but cannot run yet (before any group is built)."""
+    if plan.degrees["pp"] != 1:
+        raise BadInput(f"the plan pipelines over pp={plan.degrees['pp']} stages, which autopar prices but "
+                       "cannot emit yet; re-plan with --fix pp=1 (auto_parallelize pins it)")
     if plan.pipeline["microbatches"] != 1:
         raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
                        "but cannot emit yet; re-plan with --fix microbatches=1")
@@ -22,6 +23,12 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> Distributed
     if set(recompute.values() if isinstance(recompute, dict) else [recompute]) - {"none"}:
         raise BadInput(f"the plan recomputes activations (recompute={recompute}), which autopar prices but "
                        "cannot emit yet; re-plan with --fix recompute=none (auto_parallelize pins it)")
+
+
+def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:
+    """Rewrite ``gm`` for this rank as ``plan`` says (:func:`check_emittable` first). ``gm`` was captured
+    on this rank's slice of the example inputs (``batch``); ``mesh`` is the plan's {"dp", "tp"} mesh."""
+    deg = plan.degrees
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]
     shards = propagate(gm, styles, tp).param_shards if tp > 1 else {}

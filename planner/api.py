@@ -20,7 +20,8 @@ import torch.distributed as dist
 from planner.capture import capture
 from planner.models import resolve_model
 from planner.plan import Plan
-from search.baseline import Candidate, best, enumerate_candidates, shard_all
+from search.baseline import best, enumerate_candidates, shard_all
+from search.candidate import Candidate
 from search.cluster import Cluster, cpu_cache_path, get_cluster
 from search.errors import AutoparError, BadInput
 from search.fold import fold as fold_graph
@@ -91,10 +92,11 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "global_batch": gb,
         "seq_len": mg.seq_len,
         "dtype": dtype,
-        "mesh": {"shape": [win.dp, win.tp], "axes": ["dp", "tp"]},
-        "degrees": {"dp": win.dp, "tp": win.tp, "pp": 1, "sp": 1, "zero": win.zero},
-        "pipeline": {"schedule": "none", "microbatches": win.microbatches,
-                     "microbatch_size": win.microbatch_size, "stages": []},
+        "mesh": ({"shape": [win.pp, win.dp, win.tp], "axes": ["pp", "dp", "tp"]} if win.pp > 1 else
+                 {"shape": [win.dp, win.tp], "axes": ["dp", "tp"]}),
+        "degrees": {"dp": win.dp, "tp": win.tp, "pp": win.pp, "sp": 1, "zero": win.zero},
+        "pipeline": {"schedule": win.schedule, "microbatches": win.microbatches,
+                     "microbatch_size": win.microbatch_size, "stages": _stages(win, folding)},
         "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
         "templates": [{"id": t.id, "hash": t.hash[:16], "instances": len(t.instances), "first": t.instances[0],
                        "nodes": t.num_nodes, "params": t.num_params} for t in folding.templates],
@@ -142,7 +144,7 @@ def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
         "step_time_s": c.step_time_s,
         "peak_memory_bytes": int(c.peak_memory),
         "comm_bytes": int(c.comm_bytes),
-        "bubble_fraction": 0.0,
+        "bubble_fraction": c.bubble_s / c.step_time_s if c.step_time_s else 0.0,
         "tflops_per_device": tflops,
         "mfu": tflops * 1e12 / cl.peak(dtype),
         "breakdown": {**{f"time_{k}_s": v for k, v in c.breakdown.items()},
@@ -150,15 +152,27 @@ def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
     }
 
 
+def _stages(c: Candidate, folding) -> list[dict]:
+    """Each pipeline stage: its regions (blocks by scope), predicted time per microbatch and memory."""
+    out = []
+    for st in c.stages:
+        regions = folding.regions[st.regions[0]:st.regions[1]]
+        scopes = [r.scope for r in regions if r.scope]
+        out.append({"regions": list(st.regions), "blocks": f"{scopes[0]}..{scopes[-1]}" if scopes else "",
+                    "outside_blocks": sum(1 for r in regions if not r.scope),
+                    "time_per_microbatch_s": st.time_s, "peak_memory_bytes": int(sum(st.memory.values()))})
+    return out
+
+
 def _runners_up(cands: list[Candidate], win: Candidate) -> list[Candidate]:
-    """Best candidate of each other (dp, tp), then the leanest infeasible one if any."""
-    seen = {(win.dp, win.tp)}
+    """Best candidate of each other (pp, dp, tp), then the leanest infeasible one if any."""
+    seen = {(win.pp, win.dp, win.tp)}
     out = []
     for c in cands:
-        if c.feasible and (c.dp, c.tp) not in seen:
-            seen.add((c.dp, c.tp))
+        if c.feasible and (c.pp, c.dp, c.tp) not in seen:
+            seen.add((c.pp, c.dp, c.tp))
             out.append(c)
-    same = [c for c in cands if c.feasible and (c.dp, c.tp) == (win.dp, win.tp) and c is not win]
+    same = [c for c in cands if c.feasible and (c.pp, c.dp, c.tp) == (win.pp, win.dp, win.tp) and c is not win]
     out += same[:1]
     bad = [c for c in cands if not c.feasible]
     return (out + bad[:1])[:_RUNNERS_UP]
@@ -166,7 +180,8 @@ def _runners_up(cands: list[Candidate], win: Candidate) -> list[Candidate]:
 
 def _alternative(c: Candidate, win: Candidate) -> dict:
     return {
-        "degrees": {"dp": c.dp, "tp": c.tp, "pp": 1, "sp": 1},
+        "degrees": {"dp": c.dp, "tp": c.tp, "pp": c.pp, "sp": 1},
+        "schedule": c.schedule,
         "zero": c.zero,
         "microbatch_size": c.microbatch_size,
         "recompute": c.recompute,
@@ -197,7 +212,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     rank 0 plans (the other ranks' ``cluster``, ``constraints`` and ``memory_limit`` are not used)
     and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
     """
-    from passes.emit import emit
+    from passes.emit import check_emittable, emit
     from runtime.mesh import Mesh, init_distributed
     from runtime.module import BatchSplit
 
@@ -209,6 +224,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     if plan.cluster["devices"] != world:
         raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
+    check_emittable(plan)
     mesh = Mesh({"dp": plan.degrees["dp"], "tp": plan.degrees["tp"]})
     args, kwargs = split_inputs(example_inputs)
     batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
@@ -222,7 +238,7 @@ def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, ra
     if rank == 0:
         try:
             cl = load_cluster(cluster if cluster is not None else "cpu", world)
-            fix = {"zero": 0, "microbatches": 1, "recompute": "none", **(constraints or {})}  # priced, not emitted yet
+            fix = {"zero": 0, "microbatches": 1, "recompute": "none", "pp": 1, **(constraints or {})}  # priced, not emitted yet
             msg[0] = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
                                name=type(model).__name__).to_json()
         except AutoparError as exc:

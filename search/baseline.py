@@ -11,7 +11,6 @@ assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -21,40 +20,10 @@ from search.errors import BadInput, Infeasible
 from search.graph import ModelGraph
 from search.memory import model_state_bytes
 from search.fold import Folding
+from search.candidate import DTYPE_BYTES, Candidate, dp_sync, work_time
+from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
 from search.space import Space, TPStats, build_space
 
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_LOSS_BYTES = 4
-
-
-@dataclass
-class Candidate:
-    dp: int
-    tp: int
-    zero: int
-    microbatch_size: int
-    microbatches: int
-    recompute: str
-    step_time_s: float = 0.0
-    breakdown: dict = field(default_factory=dict)    # seconds per component
-    memory: dict = field(default_factory=dict)       # bytes per component, per device
-    comm_bytes: float = 0.0                          # bytes one device sends per step
-    feasible: bool = True
-    reason: str = ""
-    layout: TPStats | None = None                  # the tensor-parallel layout priced
-    solver: dict = field(default_factory=dict)     # how the layout was chosen: status, gap, variables
-
-    @property
-    def styles(self) -> dict[str, tuple[str, int]]:
-        """Module FQN -> (style, groups) of this tp layout."""
-        return self.layout.styles if self.layout is not None else {}
-
-    @property
-    def peak_memory(self) -> float:
-        return sum(self.memory.values())
-
-    def key(self):
-        return (self.dp, self.tp, self.zero, self.microbatch_size, self.recompute)
 
 
 def tp_stats(mg: ModelGraph, tp: int) -> TPStats:
@@ -75,68 +44,106 @@ def shard_all(space: Space, price: Callable[[dict[str, int]], Candidate], limit:
 def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int, dtype: str,
                          memory_limit: float | None = None, fix: dict | None = None,
                          select=shard_all, folding: Folding | None = None) -> list[Candidate]:
-    """Price every (dp, tp, zero, microbatch size, recompute); sorted best first, infeasible last.
+    """Price every (pp, dp, tp, zero, microbatch size, recompute, schedule); sorted best first,
+    infeasible last.
 
-    For each of them ``select(space, price, limit)`` picks the tensor-parallel cones and returns the
-    priced candidate: :func:`shard_all` (this module, the oracle) or ``search.strategy.ilp_select``."""
+    Without pipelining, ``select(space, price, limit)`` picks the tensor-parallel cones and returns
+    the priced candidate: :func:`shard_all` (this module, the oracle) or ``search.strategy.ilp_select``.
+    Pipelined candidates (``search.pipeline``) shard every cone of their stages. Like the experts,
+    the search uses the fewest pipeline stages that fit: pp grows only while no plan fits memory
+    (``--fix pp=`` or ``schedule=`` prices a given pipeline). ZeRO-2/3 shard gradients that pipelined
+    microbatches accumulate, so pipelines use ZeRO 0 or 1 (as Megatron does)."""
     fix = dict(fix or {})
     dtype = normalize_dtype(dtype)
-    for key in ("pp", "sp"):
-        if fix.pop(key, 1) != 1:
-            raise BadInput(f"--fix {key}>1 is not supported yet: this planner emits data and tensor parallelism only")
-    unknown = set(fix) - {"dp", "tp", "zero", "microbatches", "microbatch_size", "recompute", "schedule"}
+    if fix.pop("sp", 1) != 1:
+        raise BadInput("--fix sp>1 is not supported yet: sequence parallelism is not planned yet")
+    unknown = set(fix) - {"dp", "tp", "pp", "zero", "microbatches", "microbatch_size", "recompute", "schedule"}
     if unknown:
-        raise BadInput(f"unknown --fix keys {sorted(unknown)}; use dp, tp, zero, microbatches, recompute")
-    if fix.get("schedule", "none") != "none":
-        raise BadInput("--fix schedule is for pipeline parallelism, which this planner does not emit yet")
+        raise BadInput(f"unknown --fix keys {sorted(unknown)}; use dp, tp, pp, zero, microbatches, recompute, schedule")
+    if "schedule" in fix and fix["schedule"] not in SCHEDULES + ("none",):
+        raise BadInput(f"unknown schedule {fix['schedule']!r}; known: {', '.join(SCHEDULES)}")
+    if fix.get("schedule", "none") != "none" and fix.get("pp") == 1:
+        raise BadInput(f"--fix schedule={fix['schedule']} needs pp>1")
     devices = cluster.devices
     limit = memory_limit if memory_limit is not None else cluster.memory_bytes
-    tps = [t for t in _divisors(devices) if t <= cluster.devices_per_node]
-    for key in ("dp", "tp"):
-        if key in fix and (not isinstance(fix[key], int) or devices % fix[key]):
+    for key in ("dp", "tp", "pp"):
+        if key in fix and (isinstance(fix[key], bool) or not isinstance(fix[key], int) or fix[key] < 1
+                           or devices % fix[key]):
             raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices; "
                            f"valid degrees: {_divisors(devices)}")
-    if "dp" in fix and "tp" in fix and fix["dp"] * fix["tp"] != devices:
-        raise BadInput(f"dp={fix['dp']} × tp={fix['tp']} = {fix['dp'] * fix['tp']} but the cluster has {devices} devices")
-    if "dp" in fix:
-        tps = [devices // fix["dp"]]
-    if "tp" in fix:
-        tps = [fix["tp"]]
-    scale = _DTYPE_BYTES[dtype] / _DTYPE_BYTES[normalize_dtype(_graph_dtype(mg))]
+    pinned = [fix[k] for k in ("dp", "tp", "pp") if k in fix]
+    product = 1
+    for d in pinned:
+        product *= d
+    if devices % product or (len(pinned) == 3 and product != devices):
+        got = " × ".join(f"{k}={fix[k]}" for k in ("pp", "dp", "tp") if k in fix)
+        raise BadInput(f"{got} does not factor the cluster's {devices} devices")
+    scale = DTYPE_BYTES[dtype] / DTYPE_BYTES[normalize_dtype(_graph_dtype(mg))]
+    tps = [fix["tp"]] if "tp" in fix else [t for t in _divisors(devices) if t <= cluster.devices_per_node]
+    pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
+    pps = [fix["pp"]] if "pp" in fix else [p for p in _divisors(devices) if p > 1 or not pipelined]
+    spaces: dict[int, Space] = {}
     out: list[Candidate] = []
-    for tp in tps:
-        dp = devices // tp
-        space = build_space(mg, tp, folding)
-        if tp > 1 and not space.choices:
-            out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False,
-                                 reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)"))
-            continue
-        if tp > cluster.devices_per_node:
-            continue
-        if global_batch % dp:
-            out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False,
-                                 reason=f"global batch {global_batch} does not split over dp={dp}"))
-            continue
-        local = global_batch // dp
-        for zero in (0, 1, 2, 3) if dp > 1 else (0,):
-            if "zero" in fix and fix["zero"] != zero:
+    for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
+        for tp in tps:
+            if devices % (pp * tp) or tp > cluster.devices_per_node:
                 continue
-            for micro in _divisors(local):
-                m = local // micro
-                if "microbatches" in fix and fix["microbatches"] != m:
+            dp = devices // tp // pp
+            if "dp" in fix and fix["dp"] != dp:
+                continue
+            if tp not in spaces:
+                spaces[tp] = build_space(mg, tp, folding)
+            space = spaces[tp]
+            if tp > 1 and not space.choices:
+                out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False, pp=pp,
+                                     reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)"))
+                continue
+            if pp > len(space.regions):
+                continue
+            if global_batch % dp:
+                out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False, pp=pp,
+                                     reason=f"global batch {global_batch} does not split over dp={dp}"))
+                continue
+            out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch, limit, select)
+        if any(c.feasible for c in out):
+            break
+    if not out:
+        raise BadInput(f"no pp × dp × tp factorization of {devices} devices matches --fix {fix}")
+    out.sort(key=lambda c: (not c.feasible, c.step_time_s if c.feasible else 0.0, c.peak_memory, c.pp, c.tp,
+                            c.zero, -c.microbatch_size, c.recompute, c.schedule))
+    return out
+
+
+def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch, limit, select) -> list[Candidate]:
+    """Every (zero, microbatch size, recompute[, schedule]) of one mesh."""
+    local = global_batch // dp
+    out, cache = [], {}
+    tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
+    zeros = (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)
+    for zero in zeros:
+        if "zero" in fix and fix["zero"] != zero:
+            continue
+        for micro in _divisors(local):
+            m = local // micro
+            if ("microbatches" in fix and fix["microbatches"] != m) or \
+                    ("microbatch_size" in fix and fix["microbatch_size"] != micro):
+                continue
+            for recompute in ("none", "full"):
+                if "recompute" in fix and fix["recompute"] != recompute:
                     continue
-                if "microbatch_size" in fix and fix["microbatch_size"] != micro:
-                    continue
-                for recompute in ("none", "full"):
-                    if "recompute" in fix and fix["recompute"] != recompute:
-                        continue
+                if pp == 1:
                     price = partial(_price_layout, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit)
                     out.append(select(space, price, limit))
-    if not out:
-        raise BadInput(f"no dp × tp factorization of {devices} devices matches --fix {fix}")
-    out.sort(key=lambda c: (not c.feasible, c.step_time_s if c.feasible else 0.0, c.peak_memory, c.tp, c.zero,
-                            -c.microbatch_size, c.recompute))
+                    continue
+                key = ("regions", micro, recompute)
+                if key not in cache:
+                    cache[key] = regions_for(space, cluster, dtype, scale, micro=micro, graph_batch=mg.batch_size,
+                                             tp_spans=tp_spans, full=recompute == "full")
+                schedules = [fix["schedule"]] if "schedule" in fix else SCHEDULES
+                out += pipeline_candidates(cache[key], cluster, dtype, layout=space.layout(space.all_sharded()),
+                                           pp=pp, dp=dp, zero=zero, micro=micro, m=m, recompute=recompute,
+                                           schedules=schedules, limit=limit, mesh=(pp, dp, tp), cache=cache)
     return out
 
 
@@ -148,11 +155,11 @@ def best(cands: list[Candidate], limit: float) -> Candidate:
     if not priced:
         raise Infeasible("no candidate plan is valid: " + "; ".join(sorted({c.reason for c in cands})))
     lean = min(priced, key=lambda c: c.peak_memory)
+    pipe = f"pp={lean.pp} ({lean.schedule}), " if lean.pp > 1 else "pp=1, "
     raise Infeasible(
-        f"no plan fits {_gib(limit)} GiB per device; the leanest (dp={lean.dp}, tp={lean.tp}, "
+        f"no plan fits {_gib(limit)} GiB per device; the leanest ({pipe}dp={lean.dp}, tp={lean.tp}, "
         f"zero={lean.zero}, microbatch={lean.microbatch_size}, recompute={lean.recompute}) needs "
-        f"{_gib(lean.peak_memory)} GiB. Use more devices, a larger --memory-limit, or a smaller model/batch "
-        "(pipeline parallelism is not emitted yet)")
+        f"{_gib(lean.peak_memory)} GiB. Use more devices, a larger --memory-limit, or a smaller model/batch")
 
 
 def _gib(nbytes: float) -> str:
@@ -182,29 +189,9 @@ def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: in
     full = recompute == "full"
     w = st.work
     share = global_batch / graph_batch / dp  # this device's part of the captured batch's work
-    flops = (w.fwd_flops + w.bwd_flops + (w.block_fwd_flops if full else 0.0)) * share
-    moved = (w.mem_bytes + (w.block_fwd_bytes if full else 0.0)) * share * scale
-    compute = cost.compute_time(flops, dtype, cl) + cost.memory_time(moved, cl)
-    tp_time = tp_bytes = 0.0
     per_sample = scale / graph_batch * micro
-    for nbytes, count in w.allreduces:  # logical size for the captured batch; once per microbatch
-        b = nbytes * per_sample
-        tp_time += count * m * cost.collective_time("all_reduce", b, st.tp, cl, spans_nodes=tp_spans)
-        tp_bytes += count * m * cost.bytes_sent_per_rank("all_reduce", b, st.tp)
-    grad_bytes = w.params * _DTYPE_BYTES[dtype]
-    if zero <= 1:
-        dp_kinds = [("all_reduce", grad_bytes, 1)]
-    elif zero == 2:
-        dp_kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 1)]
-    else:  # ZeRO-3 gathers parameters for forward and backward of every microbatch
-        dp_kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 2 * m)]
-    dp_time = dp_bytes = 0.0
-    for kind, nbytes, times in dp_kinds:
-        dp_time += times * cost.collective_time(kind, nbytes, dp, cl, spans_nodes=dp_spans)
-        dp_bytes += times * cost.bytes_sent_per_rank(kind, nbytes, dp)
-    if dp > 1:  # the module reports the dp-mean loss: one fp32 scalar all-reduce per forward
-        dp_time += m * cost.collective_time("all_reduce", _LOSS_BYTES, dp, cl, spans_nodes=dp_spans)
-        dp_bytes += m * cost.bytes_sent_per_rank("all_reduce", _LOSS_BYTES, dp)
+    compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, full)
+    dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp, zero, m, dp_spans)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.step_time_s = compute + tp_time + dp_time
     c.comm_bytes = tp_bytes + dp_bytes

@@ -117,9 +117,9 @@ def megatron_cones(gm: fx.GraphModule, tp: int, starts: set[fx.Node] | None = No
     decided: set[str] = set()
     styles: dict[str, tuple[str, int]] = {}
     cones: list[Cone] = []
-    for node in nodes:
+    for node in nodes if starts is None else sorted(starts, key=index.__getitem__):
         w = weight_of(gm, node)
-        if w is None or module_of(w) in decided or (starts is not None and node not in starts):
+        if w is None or module_of(w) in decided:
             continue
         # linears reading the same input (q/k/v, gate/up) are sharded together or not at all
         x = _linear_input(node)

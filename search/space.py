@@ -34,6 +34,7 @@ class Work:
 
     fwd_flops: float = 0.0          # matmul/attention FLOPs
     bwd_flops: float = 0.0
+    wgrad_flops: float = 0.0        # the part of bwd_flops that computes weight gradients
     mem_bytes: float = 0.0          # bytes moved by memory-bound ops, forward + backward
     block_fwd_flops: float = 0.0    # forward work inside blocks (recomputed under full recompute)
     block_fwd_bytes: float = 0.0
@@ -46,7 +47,8 @@ class Work:
         count = dict(self.allreduces)
         for size, n in o.allreduces:
             count[size] = count.get(size, 0) + n
-        return Work(self.fwd_flops + o.fwd_flops, self.bwd_flops + o.bwd_flops, self.mem_bytes + o.mem_bytes,
+        return Work(self.fwd_flops + o.fwd_flops, self.bwd_flops + o.bwd_flops, self.wgrad_flops + o.wgrad_flops,
+                    self.mem_bytes + o.mem_bytes,
                     self.block_fwd_flops + o.block_fwd_flops, self.block_fwd_bytes + o.block_fwd_bytes,
                     self.params + o.params, self.act_bytes + o.act_bytes, self.act_outside + o.act_outside,
                     tuple(sorted((s, n) for s, n in count.items() if n)))
@@ -56,7 +58,8 @@ class Work:
 
     def scaled(self, k: int) -> "Work":
         """``k`` copies (an instance count)."""
-        return Work(k * self.fwd_flops, k * self.bwd_flops, k * self.mem_bytes, k * self.block_fwd_flops,
+        return Work(k * self.fwd_flops, k * self.bwd_flops, k * self.wgrad_flops, k * self.mem_bytes,
+                    k * self.block_fwd_flops,
                     k * self.block_fwd_bytes, k * self.params, k * self.act_bytes, k * self.act_outside,
                     tuple((s, k * n) for s, n in self.allreduces if k))
 
@@ -106,12 +109,31 @@ class TPStats:
 
 
 @dataclass
+class RegionWork:
+    """One region of the folding (a block, or a run of nodes outside blocks), for pipeline stages."""
+
+    template: str | None
+    work: Work               # replicated, with the parameters its nodes read
+    keys: list[str]          # choices with one cone in this region
+    input_bytes: float       # bytes of the values it reads from earlier regions (a stage cut sends them)
+
+
+@dataclass
 class Space:
     tp: int
     base: Work                              # everything replicated
     block_inputs: float                     # bytes of every block's input, summed (what full recompute keeps)
     block_acts: dict[str, tuple[int, float]]  # template -> (instances, activations of one replicated instance)
     choices: list[Choice]
+    regions: list[RegionWork]               # graph order
+
+    def region_sharded(self, r: RegionWork) -> Work:
+        """``r`` with every cone it holds sharded (the full Megatron layout of one region)."""
+        by_key = {c.key: c for c in self.choices}
+        out = r.work
+        for key in r.keys:
+            out = out + by_key[key].unit
+        return out
 
     def layout(self, picks: dict[str, int]) -> TPStats:
         """The layout that shards the first ``picks[key]`` instances of each choice. The largest block
@@ -152,21 +174,30 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     block_inputs = 0.0
     block_acts: dict[str, tuple[int, float]] = {}
     starts = set()
+    regions: list[RegionWork] = []
+    one: dict[str, Work] = {}
     for region in folding.regions:
+        inputs = sum(_val_bytes(nodes[n]) for n in region.inputs)
         if region.template is None:
+            work = _params_work(mg, nodes, region.nodes)
             for name in region.nodes:
-                base = base + _node_work(nodes[name], 1, False)
+                work = work + _node_work(nodes[name], 1, False)
+            base = base + replace(work, params=0)
             starts.update(nodes[n] for n in region.nodes)
         elif region.instance == 0:
             k = len(folding.template(region.template).instances)
-            one = Work()
+            work = _params_work(mg, nodes, region.nodes)
             for name in region.nodes:
-                one = one + _node_work(nodes[name], 1, True)
-            base = base + one.scaled(k)
+                work = work + _node_work(nodes[name], 1, True)
+            one[region.template] = work
+            base = base + replace(work, params=0).scaled(k)
             first = nodes[region.nodes[0]]
             block_inputs += k * max((_val_bytes(a) for a in first.all_input_nodes if a.op != "get_attr"), default=0)
-            block_acts[region.template] = (k, one.act_bytes)
+            block_acts[region.template] = (k, work.act_bytes)
             starts.update(nodes[n] for n in region.nodes)
+        else:
+            work = one[region.template]
+        regions.append(RegionWork(region.template, work, [], inputs))
     where = {n: (r.template, r.instance, i) for r in folding.regions if r.instance == 0
              for i, n in enumerate(r.nodes)}  # cones start in first instances only
     cones = megatron_cones(gm, tp, starts)
@@ -185,7 +216,18 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
         else:  # outside blocks (or reaching into one): priced as outside
             choices.append(Choice(f"c{i}", None, 1, partial(_map_cone, cone, None, gm, nodes),
                                   replace(unit, act_outside=unit.act_bytes)))
-    return Space(tp, base, block_inputs, block_acts, choices)
+            home = next(j for j, r in enumerate(folding.regions) if cone.nodes[0] in r.nodes)
+            regions[home].keys.append(choices[-1].key)
+    for r in regions:
+        if r.template is not None:
+            r.keys = [c.key for c in choices if c.template == r.template]
+    return Space(tp, base, block_inputs, block_acts, choices, regions)
+
+
+def _params_work(mg: ModelGraph, nodes: dict, names) -> Work:
+    """The parameters the nodes ``names`` read (a tied weight counts in every region that reads it)."""
+    fqns = {p for n in names for p in nodes[n].meta["autopar"].params}
+    return Work(params=sum(_numel(mg.param_shapes[p]) for p in fqns))
 
 
 def _map_cone(cone: Cone, corr: dict[str, tuple[str, ...]] | None, gm, nodes: dict, j: int) -> Cone:
@@ -234,6 +276,8 @@ def _node_work(node, div: int, in_block: bool) -> Work:
     w = Work(mem_bytes=moved * (3 if info.bwd_flops else 1))  # backward of an element-wise op reads and writes ~2x
     if compute_bound:
         w.fwd_flops, w.bwd_flops = info.fwd_flops / div, info.bwd_flops / div
+        if info.params and info.bwd_flops:  # a matmul with a weight: its wgrad costs one forward
+            w.wgrad_flops = info.fwd_flops / div
     if in_block:
         w.block_fwd_flops = info.fwd_flops / div if compute_bound else 0.0
         w.block_fwd_bytes = moved

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from search.baseline import Candidate
+from search.candidate import Candidate
 from search.ilp import IlpProblem, solve
 from search.space import Space
 

@@ -119,8 +119,9 @@ def test_plan_gpt_tiny_8_a100_is_valid():
     plan = make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8)
     d = json.loads(plan.to_json())
     deg = d["degrees"]
-    assert deg["dp"] * deg["tp"] == 8 and deg["pp"] == 1 and deg["sp"] == 1
-    assert d["mesh"]["shape"] == [deg["dp"], deg["tp"]]
+    assert deg["pp"] * deg["dp"] * deg["tp"] == 8 and deg["sp"] == 1
+    assert d["mesh"]["shape"] == ([deg["pp"]] if deg["pp"] > 1 else []) + [deg["dp"], deg["tp"]]
+    assert len(d["pipeline"]["stages"]) == (deg["pp"] if deg["pp"] > 1 else 0)
     assert d["cluster"] == {"name": "a100-80g", "devices": 8, "devices_per_node": 8}
     assert d["model"]["name"] == "gpt-tiny" and d["model"]["layers"] == 2
     assert d["global_batch"] == 8 and d["seq_len"] == 32
@@ -156,9 +157,9 @@ def test_unknown_model():
     assert "gpt-tinyy" in msg and "gpt-tiny" in msg
 
 
-def test_fix_pp_is_not_supported_yet():
+def test_fix_sp_is_not_supported_yet():
     with pytest.raises(BadInput) as ei:
-        make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, fix={"pp": 2})
+        make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, fix={"sp": 2})
     assert "not supported yet" in str(ei.value)
 
 
@@ -242,7 +243,7 @@ def test_cli_exit_codes(capsys):
     for argv in (["plan", "gpt-tiny", "--devices", "8", "--fix", "dp=3"],
                  ["plan", "gpt-tiny", "--cluster", "no-such-cluster"],
                  ["plan", "no-such-model"],
-                 ["plan", "gpt-tiny", "--devices", "8", "--fix", "pp=2"]):
+                 ["plan", "gpt-tiny", "--devices", "8", "--fix", "pp=3"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err, (argv, err)

@@ -109,11 +109,11 @@ def test_folded_and_unfolded_searches_agree(layers):
     assert len(f.templates) == 1 and len(f.templates[0].instances) == layers
     # full recompute keeps the largest block's activations, a max the per-instance ILP sees only
     # through the exact final pricing; without recompute every term is additive
-    tp2 = {"recompute": "none", "tp": 2, "zero": 0}
+    tp2 = {"recompute": "none", "tp": 2, "zero": 0, "pp": 1}
     lean = min(c.peak_memory for c in enumerate_candidates(mg, cl, dtype="bf16", global_batch=8, fix=tp2))
     fat = min(c.peak_memory for c in enumerate_candidates(mg, cl, dtype="bf16", global_batch=8, fix=tp2,
                                                           select=lambda space, price, limit: price({})))
-    for fix in ({"recompute": "none"}, tp2):
+    for fix in ({"recompute": "none", "pp": 1}, tp2):
         for limit in (None, (lean + fat) / 2):  # halfway: tp=2 must shard some of its cones, not all
             folded = _best(mg, cl, select=ilp_select, global_batch=8, memory_limit=limit, fix=fix)
             flat = _best(mg, cl, select=ilp_select, folded=False, global_batch=8, memory_limit=limit, fix=fix)

@@ -1,0 +1,79 @@
+"""A priced candidate plan, and the step-time pieces every pricing path shares (DESIGN §4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from search import cost
+from search.cluster import Cluster
+from search.space import TPStats, Work
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LOSS_BYTES = 4
+
+
+@dataclass
+class Candidate:
+    dp: int
+    tp: int
+    zero: int
+    microbatch_size: int
+    microbatches: int
+    recompute: str
+    step_time_s: float = 0.0
+    breakdown: dict = field(default_factory=dict)    # seconds per component
+    memory: dict = field(default_factory=dict)       # bytes per component, per device
+    comm_bytes: float = 0.0                          # bytes one device sends per step
+    feasible: bool = True
+    reason: str = ""
+    layout: TPStats | None = None                  # the tensor-parallel layout priced
+    pp: int = 1
+    schedule: str = "none"
+    stages: list = field(default_factory=list)     # search.pipeline.Stage per pipeline stage
+    bubble_s: float = 0.0
+    solver: dict = field(default_factory=dict)     # how the layout was chosen: status, gap, variables
+
+    @property
+    def styles(self) -> dict[str, tuple[str, int]]:
+        """Module FQN -> (style, groups) of this tp layout."""
+        return self.layout.styles if self.layout is not None else {}
+
+    @property
+    def peak_memory(self) -> float:
+        return sum(self.memory.values())
+
+    def key(self):
+        return (self.pp, self.dp, self.tp, self.zero, self.microbatch_size, self.recompute, self.schedule)
+
+
+def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,
+              samples_scale: float, repeats: int, full: bool) -> tuple[float, float, float]:
+    """(compute s, tp all-reduce s, tp bytes sent) of ``w`` for ``share`` of the captured batch; each
+    all-reduce runs ``repeats`` times (once per microbatch) on its captured size × ``samples_scale``
+    bytes (microbatch size / captured batch, dtype-scaled)."""
+    flops = (w.fwd_flops + w.bwd_flops + (w.block_fwd_flops if full else 0.0)) * share
+    moved = (w.mem_bytes + (w.block_fwd_bytes if full else 0.0)) * share * scale
+    compute = cost.compute_time(flops, dtype, cl) + cost.memory_time(moved, cl)
+    tp_time = tp_bytes = 0.0
+    for nbytes, count in w.allreduces:
+        b = nbytes * samples_scale
+        tp_time += count * repeats * cost.collective_time("all_reduce", b, tp, cl, spans_nodes=tp_spans)
+        tp_bytes += count * repeats * cost.bytes_sent_per_rank("all_reduce", b, tp)
+    return compute, tp_time, tp_bytes
+
+
+def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp_spans: bool) -> tuple[float, float]:
+    """(seconds, bytes sent) of data-parallel traffic per step: gradients under ZeRO ``zero`` and the
+    fp32 loss all-reduce of each of ``m`` microbatches (the module reports the dp-mean loss)."""
+    grad_bytes = params * DTYPE_BYTES[dtype]
+    if zero <= 1:
+        kinds = [("all_reduce", grad_bytes, 1)]
+    elif zero == 2:
+        kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 1)]
+    else:  # ZeRO-3 gathers parameters for forward and backward of every microbatch
+        kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 2 * m)]
+    if dp > 1:
+        kinds.append(("all_reduce", LOSS_BYTES, m))
+    t = sum(n * cost.collective_time(k, b, dp, cl, spans_nodes=dp_spans) for k, b, n in kinds)
+    return t, sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
+
+
