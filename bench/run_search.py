@@ -1,5 +1,5 @@
-"""Search cost: folded vs --no-fold ILP search on GPT (h=12288) of growing depth, a Llama-3-8B-shaped
-model on 64 H100s, and `autopar plan gpt3-175b` end to end.
+"""Search cost: folded vs --no-fold ILP search on GPT (h=12288) of growing depth, the pipeline search
+at 96 layers, a Llama-3-8B-shaped model on 64 H100s, and `autopar plan gpt3-175b` end to end.
 
     .venv/bin/python bench/run_search.py        # writes bench/results/search.json, prints a table
 
@@ -98,6 +98,26 @@ def llama3_8b() -> dict:
             "solver": plan.search["solver_status"], "predicted_step_s": plan.predicted["step_time_s"]}
 
 
+def pipeline_search() -> list[dict]:
+    """The pipeline search (pp pinned, every tp, schedule, microbatch and recompute) for 96 layers."""
+    model, args = _gpt(96)
+    mg = capture(model, args, name="gpt-h12288-l96")
+    rows = []
+    for devices, gb in ((1024, 1536), (4096, 4096)):
+        cl = get_cluster("a100-80g", devices)
+        times = []
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            cands = enumerate_candidates(mg, cl, global_batch=gb, dtype="bf16", select=ilp_select, folding=fold(mg),
+                                         fix={"pp": 16})
+            times.append(time.perf_counter() - t)
+        win = cands[0]
+        rows.append({"devices": devices, "search_s": statistics.median(times), "candidates": len(cands),
+                     "plan": f"pp{win.pp}×dp{win.dp}×tp{win.tp} {win.schedule} m={win.microbatches} z{win.zero} "
+                             f"{win.recompute}", "predicted_step_s": win.step_time_s, "bubble_s": win.bubble_s})
+    return rows
+
+
 def cli_175b() -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "autopar"), "plan", "gpt3-175b", "--cluster", "a100-80g", "--devices",
            "1024", "--format", "json"]
@@ -112,7 +132,8 @@ def cli_175b() -> dict:
 
 
 def main() -> int:
-    results = {"gpt_depths": gpt_depths(), "llama3_8b_8x8_h100": llama3_8b(), "cli_gpt3_175b": cli_175b()}
+    results = {"gpt_depths": gpt_depths(), "pipeline_l96": pipeline_search(), "llama3_8b_8x8_h100": llama3_8b(),
+               "cli_gpt3_175b": cli_175b()}
     rows = results["gpt_depths"]
     by = {(r["layers"], r["devices"]): r for r in rows}
     results["targets"] = {}
@@ -137,6 +158,9 @@ def main() -> int:
     console.print(table)
     for k, v in results["targets"].items():
         console.print(f"{k}: {v:.2f}×")
+    for r in results["pipeline_l96"]:
+        console.print(f"pipeline search, 96 layers, {r['devices']} a100 (pp=16 pinned): {r['search_s']:.2f} s, "
+                      f"{r['candidates']} candidates, winner {r['plan']}, predicted {r['predicted_step_s']:.3g} s/step")
     ll = results["llama3_8b_8x8_h100"]
     console.print(f"Llama-3-8B shape on 8×8 h100-80g: make_plan (capture + search) {ll['plan_s']:.2f} s, "
                   f"{ll['plan']}, solver {ll['solver']}")

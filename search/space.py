@@ -14,7 +14,7 @@ outside blocks), not O(depth). With ``no_fold`` every instance is its own templa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property, lru_cache, partial
 from typing import Callable
 
@@ -47,21 +47,19 @@ class Work:
         count = dict(self.allreduces)
         for size, n in o.allreduces:
             count[size] = count.get(size, 0) + n
-        return Work(self.fwd_flops + o.fwd_flops, self.bwd_flops + o.bwd_flops, self.wgrad_flops + o.wgrad_flops,
-                    self.mem_bytes + o.mem_bytes,
-                    self.block_fwd_flops + o.block_fwd_flops, self.block_fwd_bytes + o.block_fwd_bytes,
-                    self.params + o.params, self.act_bytes + o.act_bytes, self.act_outside + o.act_outside,
-                    tuple(sorted((s, n) for s, n in count.items() if n)))
+        return Work(**{f: getattr(self, f) + getattr(o, f) for f in _ADDITIVE},
+                    allreduces=tuple(sorted((s, n) for s, n in count.items() if n)))
 
     def __sub__(self, o: "Work") -> "Work":
         return self + o.scaled(-1)
 
     def scaled(self, k: int) -> "Work":
         """``k`` copies (an instance count)."""
-        return Work(k * self.fwd_flops, k * self.bwd_flops, k * self.wgrad_flops, k * self.mem_bytes,
-                    k * self.block_fwd_flops,
-                    k * self.block_fwd_bytes, k * self.params, k * self.act_bytes, k * self.act_outside,
-                    tuple((s, k * n) for s, n in self.allreduces if k))
+        return Work(**{f: k * getattr(self, f) for f in _ADDITIVE},
+                    allreduces=tuple((s, k * n) for s, n in self.allreduces if k))
+
+
+_ADDITIVE = tuple(f.name for f in fields(Work) if f.name != "allreduces")
 
 
 @dataclass
