@@ -1,28 +1,40 @@
-"""emit: compose the transforms of a Plan on one rank, in a fixed order (tp, then dp)."""
+"""emit: compose the transforms of a Plan on one rank, in a fixed order (tp, then dp), or split it
+into pipeline stages (``emit_pipeline``)."""
 from __future__ import annotations
 
 import torch.fx as fx
 
 from passes.dp import apply_dp
+from passes.pipeline import split_stages
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
 from runtime.module import BatchSplit, DistributedModule
+from runtime.pipeline import PipelineModule, PipelineRunner
 from search.errors import BadInput
 from search.placement import propagate
 
 
 def check_emittable(plan) -> None:
     """BadInput for plan features autopar prices but cannot run yet (before any group is built)."""
-    if plan.degrees["pp"] != 1:
-        raise BadInput(f"the plan pipelines over pp={plan.degrees['pp']} stages, which autopar prices but "
-                       "cannot emit yet; re-plan with --fix pp=1 (auto_parallelize pins it)")
-    if plan.pipeline["microbatches"] != 1:
+    deg = plan.degrees
+    if deg["pp"] > 1 and (deg["dp"] > 1 or deg["tp"] > 1 or deg["zero"]):
+        raise BadInput(f"the plan pipelines over pp={deg['pp']} with dp={deg['dp']}, tp={deg['tp']}, "
+                       f"zero={deg['zero']}: autopar emits pipelines alone (dp=tp=1, zero=0) so far; "
+                       "re-plan with --fix dp=1,tp=1,zero=0 or --fix pp=1")
+    if plan.pipeline["microbatches"] != 1 and deg["pp"] == 1:
         raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
                        "but cannot emit yet; re-plan with --fix microbatches=1")
     recompute = plan.recompute  # "none" | "selective" | "full", or one of those per module
     if set(recompute.values() if isinstance(recompute, dict) else [recompute]) - {"none"}:
         raise BadInput(f"the plan recomputes activations (recompute={recompute}), which autopar prices but "
                        "cannot emit yet; re-plan with --fix recompute=none (auto_parallelize pins it)")
+
+
+def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str]) -> PipelineModule:
+    """Split ``gm`` (captured at the microbatch size) at ``cuts`` into the plan's stages, in model
+    order, and run them with its schedule over all ranks."""
+    runner = PipelineRunner(split_stages(gm, cuts), plan.pipeline["schedule"], plan.pipeline["microbatches"])
+    return PipelineModule(runner, plan)
 
 
 def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:

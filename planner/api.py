@@ -153,12 +153,14 @@ def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
 
 
 def _stages(c: Candidate, folding) -> list[dict]:
-    """Each pipeline stage: its regions (blocks by scope), predicted time per microbatch and memory."""
+    """Each pipeline stage (model chunk) in model order: its regions (blocks by scope), the pipeline
+    rank that runs it, predicted time per microbatch and its rank's peak memory."""
     out = []
     for st in c.stages:
         regions = folding.regions[st.regions[0]:st.regions[1]]
         scopes = [r.scope for r in regions if r.scope]
-        out.append({"regions": list(st.regions), "blocks": f"{scopes[0]}..{scopes[-1]}" if scopes else "",
+        out.append({"regions": list(st.regions), "rank": st.rank,
+                    "blocks": f"{scopes[0]}..{scopes[-1]}" if scopes else "",
                     "outside_blocks": sum(1 for r in regions if not r.scope),
                     "time_per_microbatch_s": st.time_s, "peak_memory_bytes": int(sum(st.memory.values()))})
     return out
@@ -211,8 +213,14 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     batch are the batched inputs, sliced over data-parallel ranks on every call. Without ``plan``,
     rank 0 plans (the other ranks' ``cluster``, ``constraints`` and ``memory_limit`` are not used)
     and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
+
+    Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``) for dp × tp plans, or for a
+    pipelined plan (pp > 1, emitted alone so far: dp = tp = 1) a ``PipelineModule`` whose
+    ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
+    pinned unless ``constraints`` ask for a pipeline, e.g. ``{"pp": 2, "dp": 1, "tp": 1, "microbatches": 4,
+    "schedule": "1f1b"}``.
     """
-    from passes.emit import check_emittable, emit
+    from passes.emit import check_emittable, emit, emit_pipeline
     from runtime.mesh import Mesh, init_distributed
     from runtime.module import BatchSplit
 
@@ -225,8 +233,14 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
     check_emittable(plan)
-    mesh = Mesh({"dp": plan.degrees["dp"], "tp": plan.degrees["tp"]})
     args, kwargs = split_inputs(example_inputs)
+    if plan.degrees["pp"] > 1:  # capture one microbatch; cut where the plan's stages start
+        first = BatchSplit.from_example(args, kwargs, plan.global_batch, plan.pipeline["microbatches"], 0)
+        mg = capture(model, *first(args, kwargs), name=plan.model["name"])
+        regions = fold_graph(mg).regions
+        cuts = [regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
+        return emit_pipeline(mg.gm, plan, cuts)
+    mesh = Mesh({"dp": plan.degrees["dp"], "tp": plan.degrees["tp"]})
     batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
     mg = capture(model, *batch(args, kwargs), name=plan.model["name"])
     return emit(mg.gm, plan, mesh, batch)

@@ -214,3 +214,40 @@ class ScheduleWave(_PipelineScheduleRuntime):
         mapping = generate_stage_to_rank_mapping(self.pp_group_size, self._num_stages, style="v")
         self.pipeline_order = wave_order([mapping[s] for s in range(self._num_stages)], n_microbatches)
         self._prepare_schedule_with_comms(self.pipeline_order)
+
+
+class PipelineModule(torch.nn.Module):
+    """What ``auto_parallelize`` returns for a pipelined plan: this rank's stages, and ``step``.
+
+    A pipeline runs forward and backward together, so training is ``loss = pmodel.step(*inputs)``
+    (the whole global batch, as the model takes it) then ``opt.step()`` over ``pmodel.parameters()``
+    (this rank's parameters, original names)."""
+
+    def __init__(self, runner: PipelineRunner, plan):
+        super().__init__()
+        self.runner, self.plan = runner, plan
+        self.stages = torch.nn.ModuleList(runner.stages[s] for s in range(len(runner.stages))
+                                          if runner.ranks[s] == runner.rank)
+
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        return self.runner.step(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise BadInput("a pipelined module runs forward and backward together: call loss = module.step(*inputs), "
+                       "then opt.step()")
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """This rank's parameters under the model's own names (a tied weight once)."""
+        seen = set()
+        for stage in self.stages:
+            for name, p in stage.named_parameters(prefix=prefix, recurse=recurse):
+                if id(p) not in seen or not remove_duplicate:
+                    seen.add(id(p))
+                    yield name, p
+
+    def state_dict(self, *args, **kwargs):
+        """This rank's parameters and buffers under the model's own names."""
+        out = {}
+        for stage in self.stages:
+            out.update(stage.state_dict(*args, **kwargs))
+        return out

@@ -23,7 +23,9 @@ zbv            max(0, (p−1)·(F + B − 2W))            min(m, p−s)
 wave           (p−1)·t / (2·w)        (w = 1 wave)   min(m, p−s)
 =============  ====================================  =====================================
 
-(F, B, W of the bottleneck stage; every schedule needs m ≥ p microbatches.) The wave (Hanayo) row is a model: each wave sweeps down and up
+(F, B, W of the bottleneck rank; every schedule needs m ≥ p microbatches.) Interleaved, zbv and wave
+cut the model into v = 2 chunks per rank, placed as torch places them (a loop k mod p, or a V); a
+rank's time and memory are its chunks' sums. The wave (Hanayo) row is a model: each wave sweeps down and up
 the stages, so a device holds 2w chunks and fills the pipeline like interleaving with v = 2w at
 1F1B memory; it is still to be checked against measured idle time on CPU ranks. Under full
 recompute a stage keeps each block's input per microbatch in flight plus one block's activations
@@ -47,16 +49,20 @@ from search.space import Space, TPStats
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "wave")
 INTERLEAVE_V = 2
 WAVES = 1
+CHUNKS = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "interleaved": INTERLEAVE_V, "zbv": 2, "wave": 2 * WAVES}  # per rank
 
 
 @dataclass
 class Stage:
+    """One model chunk of a pipeline (a rank holds one, or v of them)."""
+
     regions: tuple[int, int]      # [first, last) region indices
+    rank: int                     # pipeline rank that runs it
     time_s: float                 # forward + backward of one microbatch, incl. tp all-reduces and p2p
     fwd_s: float
     wgrad_s: float
-    params: int                   # parameters one device holds (after tp, before ZeRO)
-    memory: dict = field(default_factory=dict)  # bytes per device, by component
+    params: int                   # parameters (after tp, before ZeRO)
+    memory: dict = field(default_factory=dict)  # bytes per device of its rank, by component
 
 
 @dataclass
@@ -108,12 +114,13 @@ def bubble(schedule: str, p: int, t: float, fwd: float, w: float) -> float:
     return (p - 1) * t / (2 * WAVES)
 
 
-def stage_memory(rg: Regions, a: int, b: int, *, s: int, p: int, m: int, schedule: str, dtype: str, zero: int,
-                 dp: int, full: bool) -> dict:
-    """Bytes per device of the stage holding regions [a, b) at position ``s``."""
-    states = model_state_bytes(rg.params[b] - rg.params[a], dtype=dtype, zero_stage=zero, dp=dp)
+def stage_memory(rg: Regions, ranges: list[tuple[int, int]], *, s: int, p: int, m: int, schedule: str, dtype: str,
+                 zero: int, dp: int, full: bool) -> dict:
+    """Bytes per device of pipeline rank ``s`` holding the regions ``ranges`` ([a, b) each)."""
+    span = lambda pre: sum(pre[b] - pre[a] for a, b in ranges)  # noqa: E731
+    states = model_state_bytes(span(rg.params), dtype=dtype, zero_stage=zero, dp=dp)
     held = inflight(schedule, p, s, m)
-    act = held * (rg.kept[b] - rg.kept[a]) + rg.largest if full else held * (rg.act[b] - rg.act[a])
+    act = held * span(rg.kept) + rg.largest if full else held * span(rg.act)
     return {**states, "activations": act}
 
 
@@ -184,54 +191,75 @@ def regions_for(space: Space, cl: Cluster, dtype: str, scale: float, *, micro: i
     return Regions.build(rows)
 
 
+def chunk_ranks(schedule: str, p: int) -> list[int]:
+    """The pipeline rank of each model chunk (torch's placement): one chunk per rank, a loop of v
+    chunks (interleaved: chunk k on rank k mod p), or a V (zbv, wave: down the ranks, then back up)."""
+    v = CHUNKS[schedule]
+    if v == 1:
+        return list(range(p))
+    if schedule == "interleaved":
+        return [k % p for k in range(v * p)]
+    return [k if k < p else 2 * p - 1 - k for k in range(2 * p)]
+
+
 def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats, pp: int, dp: int, zero: int,
                         micro: int, m: int, recompute: str, schedules, limit: float, mesh: tuple[int, int, int],
                         cache: dict) -> list[Candidate]:
-    """One priced candidate per schedule for ``pp`` stages; ``cache`` keeps the time-balanced cuts of
-    this ``rg`` (memory is checked per schedule; a cut that does not fit is re-balanced under memory)."""
+    """One priced candidate per schedule for ``pp`` pipeline ranks. The model is cut into v chunks per
+    rank (``CHUNKS``), balanced by time; ``cache`` keeps the time-balanced cuts of this ``rg``, and a
+    cut whose ranks do not fit memory is re-balanced with each chunk held to its share of the limit."""
     if m < pp:
         return []
     spans = [cost.group_spans_nodes(mesh, axis, cl.devices_per_node) for axis in range(3)]
     full = recompute == "full"
-    if (id(rg), pp) not in cache:
-        cache[(id(rg), pp)] = partition(rg, pp, lambda s, a, b: True)
     out = []
     for schedule in schedules:
-        def mem(s, a, b):
-            return stage_memory(rg, a, b, s=s, p=pp, m=m, schedule=schedule, dtype=dtype, zero=zero, dp=dp,
+        ranks = chunk_ranks(schedule, pp)
+        v, n = CHUNKS[schedule], len(ranks)
+        if (id(rg), n) not in cache:
+            cache[(id(rg), n)] = partition(rg, n, lambda k, a, b: True)
+
+        def mem(d, ranges):
+            return stage_memory(rg, ranges, s=d, p=pp, m=m, schedule=schedule, dtype=dtype, zero=zero, dp=dp,
                                 full=full)
 
-        def fits(s, a, b):
-            return sum(mem(s, a, b).values()) <= limit
+        def fits(cuts):
+            return all(sum(mem(d, [c for c, r in zip(cuts, ranks) if r == d]).values()) <= limit for d in range(pp))
 
-        cuts = cache[(id(rg), pp)]
-        if cuts is not None and not all(fits(s, a, b) for s, (a, b) in enumerate(cuts)):
-            cuts = partition(rg, pp, fits)
+        cuts = cache[(id(rg), n)]
+        if cuts is not None and not fits(cuts):
+            cuts = partition(rg, n, lambda k, a, b: sum(mem(ranks[k], [(a, b)]).values()) <= limit / v)
         c = Candidate(dp, mesh[2], zero, micro, m, recompute, layout=layout, pp=pp, schedule=schedule)
-        if cuts is None:  # nothing fits: price the time-balanced cut to report its memory
-            cuts = cache[(id(rg), pp)]
+        if cuts is None or not fits(cuts):  # nothing fits: price the time-balanced cut to report its memory
+            cuts = cache[(id(rg), n)]
             c.feasible = False
         if cuts is None:
-            c.reason = f"pp={pp} needs at least {pp} regions"
+            c.reason = f"pp={pp} {schedule} needs at least {n} regions"
             out.append(c)
             continue
-        stages, sent = [], 0.0
-        for s, (a, b) in enumerate(cuts):
+        chunks, sent = [], 0.0
+        for k, (a, b) in enumerate(cuts):
             send = rg.send[b] if b < len(rg) else 0.0
             hop = cost.collective_time("p2p", send, 2, cl, spans_nodes=spans[0]) if send else 0.0
-            t = rg.time[b] - rg.time[a] + 2 * hop
-            sync_s, sync_b = dp_sync(rg.params[b] - rg.params[a], cl, dtype, dp, zero, m, spans[1])
-            stages.append((Stage((a, b), t, rg.fwd[b] - rg.fwd[a] + hop, rg.wgrad[b] - rg.wgrad[a],
-                                 rg.params[b] - rg.params[a], mem(s, a, b)), sync_s, sync_b))
-            sent += 2 * m * cost.bytes_sent_per_rank("p2p", send, 2)
-        slow = max((st for st, _, _ in stages), key=lambda st: st.time_s)
-        c.stages = [st for st, _, _ in stages]
-        c.bubble_s = bubble(schedule, pp, slow.time_s, slow.fwd_s, slow.wgrad_s)
-        dp_s = max(sync for _, sync, _ in stages)
-        c.breakdown = {"pipeline_work": m * slow.time_s, "dp_gradients": dp_s}  # + the bubble
+            chunks.append(Stage((a, b), ranks[k], rg.time[b] - rg.time[a] + 2 * hop, rg.fwd[b] - rg.fwd[a] + hop,
+                                rg.wgrad[b] - rg.wgrad[a], rg.params[b] - rg.params[a]))
+            sent += 2 * m * cost.bytes_sent_per_rank("p2p", send, 2) / v  # per rank, averaged over its chunks
+        devices = []
+        for d in range(pp):
+            own = [ch for ch in chunks if ch.rank == d]
+            params = sum(ch.params for ch in own)
+            devices.append((sum(ch.time_s for ch in own), sum(ch.fwd_s for ch in own), sum(ch.wgrad_s for ch in own),
+                            mem(d, [ch.regions for ch in own]), dp_sync(params, cl, dtype, dp, zero, m, spans[1])))
+        for ch in chunks:
+            ch.memory = devices[ch.rank][3]
+        t, fwd, wgrad, _, _ = max(devices, key=lambda x: x[0])
+        c.stages = chunks
+        c.bubble_s = bubble(schedule, pp, t, fwd, wgrad)
+        dp_s = max(x[4][0] for x in devices)
+        c.breakdown = {"pipeline_work": m * t, "dp_gradients": dp_s}  # + the bubble
         c.step_time_s = sum(c.breakdown.values()) + c.bubble_s
-        c.comm_bytes = sent + max(b for _, _, b in stages)
-        c.memory = max((st.memory for st in c.stages), key=lambda d: sum(d.values()))
+        c.comm_bytes = sent + max(x[4][1] for x in devices)
+        c.memory = max((x[3] for x in devices), key=lambda d: sum(d.values()))
         if c.feasible and c.peak_memory > limit:
             c.feasible = False
         if not c.feasible:

@@ -166,6 +166,41 @@ def _bad_inputs(rank, world) -> dict:
     return out
 
 
+AUTO_SCHEDULES = ("1f1b", "zbv")
+
+
+def _auto_parallelize_cases() -> dict:
+    """The planner's pipeline plans (stage cuts from the search) emitted by auto_parallelize."""
+    import json
+
+    from planner.api import auto_parallelize, load_cluster, make_plan
+    from planner.plan import Plan
+
+    out = {}
+    for schedule in AUTO_SCHEDULES:
+        model, args, kwargs = _build("gpt-tiny")
+        ref = copy.deepcopy(model)
+        ref_loss = _loss(ref(*args, **kwargs))
+        ref_loss.backward()
+        fix = {"pp": 2, "dp": 1, "tp": 1, "zero": 0, "microbatches": 2, "schedule": schedule, "recompute": "none"}
+        plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", 2), dtype="fp32", fix=fix)
+        pmodel = auto_parallelize(model, (args, kwargs), plan=Plan.from_json(plan.to_json()))
+        loss = pmodel.step(*args, **kwargs)
+        ref_params = dict(ref.named_parameters(remove_duplicate=False))
+        names = [n for n, _ in pmodel.named_parameters()]
+        worst = max(((p.grad - ref_params[n].grad).abs().max().item() if p.grad is not None else float("inf"))
+                    for n, p in pmodel.named_parameters())
+        try:
+            pmodel(*args, **kwargs)
+            forward = None
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            forward = f"{type(exc).__name__}: {exc}"
+        out[schedule] = {"loss": abs(loss.item() - ref_loss.item()), "grad": worst,
+                         "unknown_names": [n for n in names if n not in ref_params], "names": names,
+                         "stages": json.loads(plan.to_json())["pipeline"]["stages"], "forward": forward}
+    return out
+
+
 def _all_cases(rank, world, cases):
     out, cache = {}, {}
     for case in cases:
@@ -175,6 +210,7 @@ def _all_cases(rank, world, cases):
             raise RuntimeError(f"case {_key(case)} failed on rank {rank}") from exc
     if world == 2:
         out["bad_input"] = _bad_inputs(rank, world)
+        out["auto"] = _auto_parallelize_cases()
     return out
 
 
@@ -346,3 +382,19 @@ def test_wave_order_is_complete_and_near_interleaved_ideal(pp, v, m):
     assert sum(map(len, order.values())) == len(finish) == 2 * pp * v * m
     ideal = 3 * v * m + 3 * (pp - 1)      # interleaved 1F1B: (p-1)/(v m) bubble on v stages per rank
     assert makespan <= 1.02 * ideal, f"wave order takes {makespan} units, interleaved ideal {ideal}"
+
+
+@pytest.mark.parametrize("schedule", AUTO_SCHEDULES)
+def test_auto_parallelize_emits_the_planned_pipeline(schedule):
+    per_rank = [r["auto"][schedule] for r in _results(2)]
+    held = set()
+    for rank, r in enumerate(per_rank):
+        assert r["loss"] <= TOL and r["grad"] <= TOL, f"rank {rank}: loss {r['loss']:.3g}, grad {r['grad']:.3g}"
+        assert not r["unknown_names"] and r["names"], f"rank {rank}: {r['unknown_names']}"
+        assert r["forward"] and r["forward"].startswith("BadInput") and "step(" in r["forward"]
+        held |= set(r["names"])
+    stages = per_rank[0]["stages"]
+    assert sorted({st["rank"] for st in stages}) == [0, 1] and len(stages) == (4 if schedule == "zbv" else 2)
+    model, _, _ = _build("gpt-tiny")
+    names = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under either name
+    assert held <= set(names) and {id(names[n]) for n in held} == {id(p) for p in model.parameters()}
