@@ -8,6 +8,7 @@ from passes.dp import apply_dp
 from passes.pipeline import split_stages
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
+from runtime.dp import GradSync
 from runtime.module import BatchSplit, DistributedModule
 from runtime.pipeline import PipelineModule, PipelineRunner
 from search.errors import BadInput
@@ -17,10 +18,10 @@ from search.placement import propagate
 def check_emittable(plan) -> None:
     """BadInput for plan features autopar prices but cannot run yet (before any group is built)."""
     deg = plan.degrees
-    if deg["pp"] > 1 and (deg["dp"] > 1 or deg["tp"] > 1 or deg["zero"]):
-        raise BadInput(f"the plan pipelines over pp={deg['pp']} with dp={deg['dp']}, tp={deg['tp']}, "
-                       f"zero={deg['zero']}: autopar emits pipelines alone (dp=tp=1, zero=0) so far; "
-                       "re-plan with --fix dp=1,tp=1,zero=0 or --fix pp=1")
+    if deg["pp"] > 1 and (deg["tp"] > 1 or deg["zero"]):
+        raise BadInput(f"the plan pipelines over pp={deg['pp']} with tp={deg['tp']}, zero={deg['zero']}: autopar "
+                       "emits pipelines with data parallelism only (tp=1, zero=0) so far; re-plan with "
+                       "--fix tp=1,zero=0 or --fix pp=1")
     if plan.pipeline["microbatches"] != 1 and deg["pp"] == 1:
         raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
                        "but cannot emit yet; re-plan with --fix microbatches=1")
@@ -30,11 +31,16 @@ def check_emittable(plan) -> None:
                        "cannot emit yet; re-plan with --fix recompute=none (auto_parallelize pins it)")
 
 
-def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str]) -> PipelineModule:
-    """Split ``gm`` (captured at the microbatch size) at ``cuts`` into the plan's stages, in model
-    order, and run them with its schedule over all ranks."""
-    runner = PipelineRunner(split_stages(gm, cuts), plan.pipeline["schedule"], plan.pipeline["microbatches"])
-    return PipelineModule(runner, plan)
+def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: BatchSplit) -> PipelineModule:
+    """Split ``gm`` (captured at one microbatch of this replica's slice ``batch``) at ``cuts`` into the
+    plan's stages, in model order, run them with its schedule over the mesh's "pp" axis, and average
+    gradients over its "dp" axis once per step."""
+    runner = PipelineRunner(split_stages(gm, cuts), plan.pipeline["schedule"], plan.pipeline["microbatches"],
+                            group=mesh.group("pp"), all_pipelines=mesh.all_groups("pp"))
+    module = PipelineModule(runner, plan, batch)
+    if mesh.size("dp") > 1:
+        module.grad_sync, module.dp_group = GradSync(module.parameters(), mesh.group("dp")), mesh.group("dp")
+    return module
 
 
 def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:

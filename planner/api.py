@@ -198,8 +198,11 @@ def _why_slower(c: Candidate, win: Candidate) -> str:
     if not win.step_time_s or c.step_time_s <= win.step_time_s * 1.0005:
         return (f"same predicted step time, more memory ({c.peak_memory / 2**30:.2f} GiB vs "
                 f"{win.peak_memory / 2**30:.2f} GiB)")
-    worst = max(c.breakdown, key=lambda k: c.breakdown[k] - win.breakdown.get(k, 0.0))
     delta = (c.step_time_s / win.step_time_s - 1) * 100
+    if c.pp != win.pp:  # different breakdowns: name the pipeline's bubble and the work per step
+        return (f"+{delta:.1f}% step time with pp={c.pp} ({c.schedule}: bubble {c.bubble_s * 1e3:.3g} ms, "
+                f"work {c.breakdown.get('pipeline_work', 0.0) * 1e3:.3g} ms) vs pp={win.pp}")
+    worst = max(c.breakdown, key=lambda k: c.breakdown[k] - win.breakdown.get(k, 0.0))
     return f"+{delta:.1f}% step time, mostly {worst.replace('_', ' ')} ({c.breakdown[worst] * 1e3:.3g} ms vs " \
            f"{win.breakdown.get(worst, 0.0) * 1e3:.3g} ms)"
 
@@ -215,7 +218,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
 
     Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``) for dp × tp plans, or for a
-    pipelined plan (pp > 1, emitted alone so far: dp = tp = 1) a ``PipelineModule`` whose
+    pipelined plan (pp > 1, with dp so far: tp = 1, zero = 0) a ``PipelineModule`` whose
     ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
     pinned unless ``constraints`` ask for a pipeline, e.g. ``{"pp": 2, "dp": 1, "tp": 1, "microbatches": 4,
     "schedule": "1f1b"}``.
@@ -234,14 +237,18 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
     check_emittable(plan)
     args, kwargs = split_inputs(example_inputs)
-    if plan.degrees["pp"] > 1:  # capture one microbatch; cut where the plan's stages start
-        first = BatchSplit.from_example(args, kwargs, plan.global_batch, plan.pipeline["microbatches"], 0)
-        mg = capture(model, *first(args, kwargs), name=plan.model["name"])
+    deg = plan.degrees
+    mesh = Mesh({"pp": deg["pp"], "dp": deg["dp"], "tp": deg["tp"]} if deg["pp"] > 1 else
+                {"dp": deg["dp"], "tp": deg["tp"]})
+    batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
+    if deg["pp"] > 1:  # capture one microbatch of this replica's slice; cut where the plan's stages start
+        local_args, local_kwargs = batch(args, kwargs)
+        first = BatchSplit.from_example(local_args, local_kwargs, plan.global_batch // deg["dp"],
+                                        plan.pipeline["microbatches"], 0)
+        mg = capture(model, *first(local_args, local_kwargs), name=plan.model["name"])
         regions = fold_graph(mg).regions
         cuts = [regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
-        return emit_pipeline(mg.gm, plan, cuts)
-    mesh = Mesh({"dp": plan.degrees["dp"], "tp": plan.degrees["tp"]})
-    batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
+        return emit_pipeline(mg.gm, plan, cuts, mesh, batch)
     mg = capture(model, *batch(args, kwargs), name=plan.model["name"])
     return emit(mg.gm, plan, mesh, batch)
 

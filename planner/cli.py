@@ -1,8 +1,8 @@
 """The `autopar` command line (DESIGN §6).
 
-Exit codes: 0 ok, 1 infeasible (search.errors.Infeasible), 2 bad input (BadInput and argparse usage
-errors), 3 internal error (an unexpected exception: "internal error" plus the traceback on stderr).
-Autopar errors print ``error: <message>`` on stderr without a traceback.
+Exit codes: 0 ok, 1 infeasible (search.errors.Infeasible) or `check` found a changed plan, 2 bad input
+(BadInput and argparse usage errors), 3 internal error (an unexpected exception: "internal error" plus
+the traceback on stderr). Autopar errors print ``error: <message>`` on stderr without a traceback.
 """
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from planner.plan import FIX_KEYS, RECOMPUTE, SCHEDULES
 from search.errors import AutoparError, BadInput
-
-FIX_INT_KEYS = ("dp", "tp", "pp", "sp", "zero", "microbatches")
-FIX_KEYS = FIX_INT_KEYS + ("schedule", "recompute")
 
 
 class _UsageError(Exception):
@@ -34,8 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_fix(text: str) -> dict[str, int | str]:
     """Parse ``dp=2,tp=4,recompute=none`` into {"dp": 2, "tp": 4, "recompute": "none"}; BadInput if malformed."""
-    from planner.plan import RECOMPUTE, SCHEDULES
-
     out: dict[str, int | str] = {}
     for item in text.split(","):
         item = item.strip()
@@ -91,9 +87,21 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--timings", action="store_true", help="record search.seconds (plan JSON is then not reproducible)")
     pl.add_argument("--out", metavar="PLAN.json", help="write the plan JSON here")
     pl.add_argument("--format", choices=("table", "json"), default="table")
+    pl.add_argument("--record-case", action="store_true",
+                    help="record these inputs in the plan (top-level \"case\") so `check` and `explain --why` "
+                         "can re-plan it")
 
     ex = sub.add_parser("explain", help="explain a plan JSON file")
     ex.add_argument("plan", metavar="PLAN.json")
+    ex.add_argument("--why", action="append", metavar="PINS",
+                    help="re-plan the recorded case with these extra pins (e.g. 'tp=4') and show what moves; "
+                         "repeatable")
+    ex.add_argument("--memory-chart", metavar="OUT.png",
+                    help="write predicted memory per device (winner and runners-up) as a stacked bar chart")
+
+    ck = sub.add_parser("check", help="re-plan the golden plans and report any decision that moved")
+    ck.add_argument("dir", nargs="?", metavar="DIR", help="directory of golden plan JSON (default: tests/golden)")
+    ck.add_argument("--update", action="store_true", help="rewrite the golden files that changed")
     return p
 
 
@@ -167,6 +175,12 @@ def _cmd_plan(args) -> int:
         seq_len=args.seq, dtype=args.dtype, memory_limit_gib=args.memory_limit, fix=fix,
         fold=not args.no_fold, timings=args.timings,
     )
+    if args.record_case:
+        from planner.check import make_case, with_case
+
+        plan = with_case(plan, make_case(args.model, cluster=args.cluster, devices=args.devices,
+                                         global_batch=args.global_batch, seq=args.seq, dtype=args.dtype,
+                                         memory_limit_gib=args.memory_limit, fix=fix))
     text = plan.to_json()
     if args.out:
         try:
@@ -183,17 +197,34 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_explain(args) -> int:
+    """The plan report, or with --why only the comparisons; --memory-chart also writes the PNG."""
+    from planner import check
     from planner.plan import Plan
 
-    sys.stdout.write(Plan.from_json(Path(args.plan)).explain())
+    plan = Plan.from_json(Path(args.plan))
+    pins = [parse_fix(text) for text in args.why or []]
+    if not pins:
+        sys.stdout.write(plan.explain())
+    for fix in pins:
+        print("\n".join(check.why(plan, fix)))
+    if args.memory_chart:
+        check.memory_chart(plan, args.memory_chart)
+        print(f"memory chart written to {args.memory_chart}")
     return 0
 
 
-_COMMANDS = {"models": _cmd_models, "clusters": _cmd_clusters, "plan": _cmd_plan, "explain": _cmd_explain}
+def _cmd_check(args) -> int:
+    from planner.check import GOLDEN_DIR, check
+
+    return check(args.dir or GOLDEN_DIR, update=args.update)
+
+
+_COMMANDS = {"models": _cmd_models, "clusters": _cmd_clusters, "plan": _cmd_plan, "explain": _cmd_explain,
+             "check": _cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 infeasible, 2 bad input/usage, 3 internal error)."""
+    """Run the CLI; returns the exit code (0 ok, 1 infeasible / check failed, 2 bad input/usage, 3 internal error)."""
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)

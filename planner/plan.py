@@ -9,6 +9,14 @@ free-form nested dicts follow, sorted), every float rounded to 6 significant dig
 (``float(f"{x:.6g}")``), ints kept exact, ``indent=2``, trailing newline. Optional sections that are
 absent (``dtype``, ``tensor_parallel``, ``alternatives``, ``warnings``, ``predicted.breakdown``,
 ``search.candidates``) are filled with defaults, so two equal plans always serialise byte-identically.
+Why 6 digits: the cost model is plain float arithmetic, so one machine reproduces it bit for bit; on
+another CPU/BLAS or after a harmless reordering of a sum a float may move by a few ulps (~1e-16
+relative), which rounding absorbs unless the value sits on a 6th-digit rounding boundary (odds ~1e-10
+per value). Real cost changes (≥ 1e-6 relative) still show, so golden plans catch them.
+
+The optional top-level ``case`` records the inputs that produced the plan ({model, cluster, devices,
+global_batch, seq, dtype, memory_limit_gib, fix}), so ``autopar check`` and ``autopar explain --why``
+can re-plan it (``planner.check.plan_case``).
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 TOP_KEYS = (
-    "version", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
+    "version", "case", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
     "tensor_parallel", "templates", "chunking", "recompute", "predicted", "search", "alternatives",
     "warnings",
 )
@@ -45,11 +53,15 @@ PREDICTED_KEYS = ("step_time_s", "peak_memory_bytes", "comm_bytes", "bubble_frac
                   "tflops_per_device", "mfu", "breakdown")
 SEARCH_KEYS = ("seconds", "folded", "unique_blocks", "ilp_variables", "solver_status", "candidates")
 TP_KEYS = ("style", "groups")
+CASE_KEYS = ("model", "cluster", "devices", "global_batch", "seq", "dtype", "memory_limit_gib", "fix")
+FIX_INT_KEYS = ("dp", "tp", "pp", "sp", "zero", "microbatches")
+FIX_KEYS = FIX_INT_KEYS + ("schedule", "recompute")
 ALT_KEYS = ("degrees", "zero", "microbatch_size", "recompute", "step_time_s", "peak_memory_bytes",
             "feasible", "why")
 
 # Fixed key order for known nested dicts; other dicts (free-form) get sorted keys.
 _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("case",): CASE_KEYS,
     ("model",): MODEL_KEYS,
     ("cluster",): CLUSTER_KEYS,
     ("mesh",): MESH_KEYS,
@@ -207,6 +219,9 @@ def _validate(d: Any) -> dict:
     if not _is_int(d["version"]) or d["version"] != 1:
         V.fail("version", f"unsupported plan version {d['version']!r} (this autopar reads version 1)")
 
+    if "case" in d:
+        _validate_case(d["case"])
+
     m = V.dict_(d, "model", "model")
     V.keys(m, MODEL_KEYS, "model")
     V.str_(m["name"], "model.name")
@@ -346,6 +361,35 @@ def _validate(d: Any) -> dict:
     return d
 
 
+def _validate_case(c: Any) -> None:
+    """The recorded inputs: every key present; optional numbers may be null (= the planner's default)."""
+    V = _V
+    if not isinstance(c, dict):
+        V.fail("case", f"expected an object, got {_type_name(c)}")
+    V.keys(c, CASE_KEYS, "case")
+    extra = sorted(k for k in c if k not in CASE_KEYS)
+    if extra:
+        V.fail(f"case.{extra[0]}", f"unknown key (known: {', '.join(CASE_KEYS)})")
+    V.str_(c["model"], "case.model")
+    V.str_(c["cluster"], "case.cluster")
+    for k in ("devices", "global_batch", "seq"):
+        if c[k] is not None:
+            V.int_(c[k], f"case.{k}", 1)
+    V.str_(c["dtype"], "case.dtype", ("bf16", "fp16", "fp32"))
+    if c["memory_limit_gib"] is not None and not (_is_num(c["memory_limit_gib"]) and c["memory_limit_gib"] > 0):
+        V.fail("case.memory_limit_gib", f"expected a number > 0 or null, got {c['memory_limit_gib']!r}")
+    fix = c["fix"]
+    if not isinstance(fix, dict):
+        V.fail("case.fix", f"expected an object, got {_type_name(fix)}")
+    for k, v in fix.items():
+        if k in FIX_INT_KEYS:
+            V.int_(v, f"case.fix.{k}", 0 if k == "zero" else 1, 3 if k == "zero" else None)
+        elif k in ("schedule", "recompute"):
+            V.str_(v, f"case.fix.{k}", SCHEDULES if k == "schedule" else RECOMPUTE)
+        else:
+            V.fail(f"case.fix.{k}", f"unknown key (known: {', '.join(FIX_KEYS)})")
+
+
 def _canonical(obj: Any, path: tuple[str, ...] = ()) -> Any:
     """Deterministic form: fixed key order for known dicts, sorted keys otherwise, floats rounded."""
     if isinstance(obj, dict):
@@ -377,9 +421,13 @@ def _natural_key(s: str) -> list:
 
 
 def _fmt_bytes(n: float | None) -> str:
+    """Bytes in the largest binary unit that keeps the value >= 1 (B, KiB, MiB, GiB), 2 decimals."""
     if n is None:
         return "-"
-    return f"{n / GIB:.2f} GiB"
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _fmt_num(v: Any) -> str:
@@ -430,6 +478,116 @@ def _tp_lines(tp: dict) -> dict[str, str]:
         txt = f"{style}×{n}" + (f" groups={groups}" if groups > 1 else "")
         out.setdefault(pat, []).append(txt)
     return {k: ", ".join(sorted(v)) for k, v in out.items()}
+
+
+def split_breakdown(bd: dict) -> tuple[dict[str, float], dict[str, float], list[tuple[str, Any]]]:
+    """Breakdown -> (time parts in s, memory parts in bytes, other items), keyed by readable label.
+
+    ``time_compute_s`` -> "compute"; ``memory_params_bytes`` (or nested ``memory.params_bytes``) -> "params".
+    """
+    times: dict[str, float] = {}
+    mems: dict[str, float] = {}
+    other: list[tuple[str, Any]] = []
+    for k, v in _flatten(bd):
+        if not _is_num(v):
+            other.append((k, v))
+        elif k.endswith("_s"):
+            times[_part_label(k)] = v
+        elif k.endswith("_bytes"):
+            mems[_part_label(k)] = v
+        else:
+            other.append((k, v))
+    return times, mems, other
+
+
+def _part_label(key: str) -> str:
+    k = re.sub(r"^(time|memory)[._]", "", key)
+    return re.sub(r"_(s|bytes)$", "", k).replace("_", " ")
+
+
+def _fmt_part(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
+    if key.endswith("_s") and _is_num(v):
+        return f"{v * 1e3:.3f} ms"
+    if key.endswith("_bytes") and _is_num(v):
+        return _fmt_bytes(v)
+    return _fmt_num(v)
+
+
+def _ranges(idx: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], idx[0]
+    for prev, cur in zip(idx, idx[1:] + [None]):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(out)
+
+
+def _split_block(fqn: str) -> tuple[str, int, str] | None:
+    """"blocks.3.attn.qkv" -> ("blocks", 3, "attn.qkv") at the outermost numbered component; None if none."""
+    parts = fqn.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1:])
+    return None
+
+
+def placements(tp: dict, templates: Any) -> list[tuple[str, str, str]]:
+    """Tensor-parallel styles grouped per block range: [(template, blocks, layout)].
+
+    ``("t0 (96×)", "blocks.0-95", "attn.proj rowwise, attn.qkv colwise(3), ...")``: blocks whose
+    modules have the same styles share a row (groups in parentheses when > 1). A template's
+    instances with no sharded module get a "replicated" row; modules outside numbered blocks share
+    the "(outside blocks)" row.
+    """
+    found = [(blk[0], f"{t.get('id', '?')} ({t['instances']}×)", t["instances"])
+             for t in (templates if isinstance(templates, list) else [])
+             if isinstance(t, dict) and isinstance(t.get("first"), str) and _is_int(t.get("instances"))
+             for blk in [_split_block(t["first"])] if blk and not blk[2]]
+    containers = [c for c, _, _ in found]
+    tmpl = {c: (label, n) for c, label, n in found if containers.count(c) == 1}  # container -> its one template
+
+    def style(suffix: str, spec: dict) -> str:
+        return f"{suffix + ' ' if suffix else ''}{spec['style']}" + (f"({spec['groups']})" if spec["groups"] > 1 else "")
+
+    blocks: dict[tuple[str, int], list[str]] = {}
+    outside: list[str] = []
+    for fqn in sorted(tp, key=_natural_key):
+        blk = _split_block(fqn)
+        if blk is None:
+            outside.append(style(fqn, tp[fqn]))
+        else:
+            blocks.setdefault(blk[:2], []).append(style(blk[2], tp[fqn]))
+    groups: dict[tuple[str, str], list[int]] = {}
+    for (container, i), styles in blocks.items():
+        groups.setdefault((container, ", ".join(styles)), []).append(i)
+    rows, sharded = [], {}
+    for (container, layout), idx in sorted(groups.items(), key=lambda g: (_natural_key(g[0][0]), min(g[1]))):
+        label = tmpl.get(container, ("", 0))[0]
+        rows.append((label, f"{container}.{_ranges(sorted(idx))}" if container else _ranges(sorted(idx)), layout))
+        sharded[container] = sharded.get(container, 0) + len(idx)
+    for container, (label, n) in tmpl.items():
+        if sharded.get(container, 0) < n:
+            left = n - sharded.get(container, 0)
+            rows.append((label, f"{left} instance{'s' if left > 1 else ''}", "replicated"))
+    if outside:
+        rows.append(("", "(outside blocks)", ", ".join(outside)))
+    return rows
+
+
+def case_command(case: dict) -> str:
+    """The ``autopar plan`` command line that reproduces a recorded case."""
+    args = [case["model"], "--cluster", case["cluster"]]
+    for key, opt in (("devices", "--devices"), ("global_batch", "--global-batch"), ("seq", "--seq"),
+                     ("memory_limit_gib", "--memory-limit")):
+        if case[key] is not None:
+            args += [opt, f"{case[key]:g}" if isinstance(case[key], float) else str(case[key])]
+    args += ["--dtype", case["dtype"]]
+    if case["fix"]:
+        args += ["--fix", ",".join(f"{k}={v}" for k, v in case["fix"].items())]
+    return "autopar plan " + " ".join(args)
 
 
 # ---------------------------------------------------------------- Plan
@@ -561,6 +719,8 @@ class Plan:
         t = Table(title=f"autopar plan: {m['name']}", show_header=False, title_justify="left")
         t.add_column("field", style="bold")
         t.add_column("value")
+        if "case" in d:
+            t.add_row("inputs", case_command(d["case"]))
         t.add_row("model", f"{m['name']}  ({m['params']:,} params, {m['layers']} layers)")
         t.add_row("cluster", f"{c['name']}  ({c['devices']} devices, {c['devices_per_node']} per node)")
         t.add_row("batch", f"global batch {d['global_batch']}, seq len {d['seq_len']}, dtype {d['dtype']}")
@@ -595,29 +755,58 @@ class Plan:
         pt.add_column("metric")
         pt.add_column("predicted", justify="right")
         pt.add_row("step time", f"{pr['step_time_s'] * 1e3:.3f} ms")
-        pt.add_row("peak memory / device", f"{pr['peak_memory_bytes'] / GIB:.2f} GiB")
+        pt.add_row("peak memory / device", _fmt_bytes(pr["peak_memory_bytes"]))
         pt.add_row("comm bytes / step", f"{pr['comm_bytes']:,} B ({pr['comm_bytes'] / GIB:.3f} GiB)")
         pt.add_row("bubble fraction", f"{pr['bubble_fraction'] * 100:.1f} %")
         pt.add_row("TFLOP/s / device", f"{pr['tflops_per_device']:.2f}")
         pt.add_row("MFU", f"{pr['mfu'] * 100:.1f} %")
         con.print(pt)
 
-        bd = _flatten(pr["breakdown"])
-        if bd:
-            bt = Table(title="predicted breakdown", title_justify="left")
+        times, mems, other = split_breakdown(pr["breakdown"])
+        step = pr["step_time_s"]
+        ct = Table(title="step time (predicted)", title_justify="left")
+        ct.add_column("part")
+        ct.add_column("time", justify="right")
+        ct.add_column("share", justify="right")
+        for label, v in times.items():
+            ct.add_row(label, f"{v * 1e3:.3f} ms", f"{v / step * 100:.1f} %" if step else "-")
+        ct.add_row("bubble", f"{pr['bubble_fraction'] * step * 1e3:.3f} ms", f"{pr['bubble_fraction'] * 100:.1f} %")
+        if d["recompute"] != "none" and not any("recompute" in k for k in times):
+            r = d["recompute"]
+            ct.add_row(f"recompute ({r if isinstance(r, str) else _short(r, 40)})", "in compute", "")
+        ct.add_row("step", f"{step * 1e3:.3f} ms", "100 %", style="bold")
+        con.print(ct)
+        if mems:
+            peak = pr["peak_memory_bytes"]
+            mt = Table(title="memory per device (predicted)", title_justify="left")
+            mt.add_column("part")
+            mt.add_column("bytes", justify="right")
+            mt.add_column("share", justify="right")
+            for label, v in mems.items():
+                mt.add_row(label, _fmt_bytes(v), f"{v / peak * 100:.1f} %" if peak else "-")
+            mt.add_row("peak", _fmt_bytes(peak), "100 %", style="bold")
+            con.print(mt)
+        if other:
+            bt = Table(title="other predicted parts", title_justify="left")
             bt.add_column("part")
             bt.add_column("predicted", justify="right")
-            for k, v in bd:
+            for k, v in other:
                 bt.add_row(k, _fmt_value(k, v))
             con.print(bt)
 
-        if d["tensor_parallel"]:
-            tt = Table(title="tensor parallel (per module pattern)", title_justify="left")
-            tt.add_column("module pattern")
-            tt.add_column("style")
-            for pat, txt in _tp_lines(d["tensor_parallel"]).items():
-                tt.add_row(pat, txt)
+        rows = placements(d["tensor_parallel"], d["templates"])
+        if rows:
+            tt = Table(title="placements per template", title_justify="left",
+                       caption="tensor-parallel styles; unlisted modules replicated", caption_justify="left")
+            for col in ("template", "blocks", "layout"):
+                tt.add_column(col)
+            for row in rows:
+                tt.add_row(*row)
             con.print(tt)
+        if d["tensor_parallel"]:
+            con.print("by module pattern: " + "; ".join(f"{pat} {txt}" for pat, txt in
+                                                       _tp_lines(d["tensor_parallel"]).items()),
+                      markup=False, highlight=False)
 
         if d["alternatives"]:
             at = Table(title="alternatives (runners-up; step and memory predicted)", title_justify="left",
@@ -638,7 +827,7 @@ class Plan:
                            _fmt_num(zero), _fmt_num(a.get("microbatch_size")),
                            rc if isinstance(rc, str) else ("-" if rc is None else json.dumps(rc)),
                            "-" if st is None else f"{st * 1e3:.3f} ms",
-                           "-" if pm is None else f"{pm / GIB:.2f} GiB",
+                           _fmt_bytes(pm),
                            _fmt_num(a.get("feasible")), a.get("why", ""))
             con.print(at)
 
@@ -650,12 +839,19 @@ class Plan:
 
     # ------------------------------------------------------------ diff
     def diff(self, other: "Plan") -> list[str]:
-        """Lines naming each decision that moved from ``self`` to ``other`` plus predicted deltas.
+        """Lines naming each decision that moved from ``self`` to ``other``, then the predicted deltas.
 
-        Ignores ``search.seconds``. Empty list when nothing moved and predictions are equal.
+        Decisions: recorded inputs (``case``), degrees, mesh, schedule, microbatches, stage cuts,
+        recompute, tensor-parallel placements, chunking, templates. Then step time, peak memory, comm
+        bytes, bubble and each changed breakdown part, and one "also changed" line naming any other
+        field that differs. Ignores ``search.seconds``; empty list when the plans are otherwise equal.
         """
         a, b = self._d, other._d
         out: list[str] = []
+        ca, cb = a.get("case", {}), b.get("case", {})
+        for k in CASE_KEYS:
+            if ca.get(k) != cb.get(k):
+                out.append(f"case.{k}: {json.dumps(ca.get(k))} -> {json.dumps(cb.get(k))}")
         for k in DEGREE_KEYS:
             if a["degrees"][k] != b["degrees"][k]:
                 out.append(f"degrees.{k}: {a['degrees'][k]} -> {b['degrees'][k]}")
@@ -665,8 +861,7 @@ class Plan:
             if a["pipeline"][k] != b["pipeline"][k]:
                 out.append(f"pipeline.{k}: {a['pipeline'][k]} -> {b['pipeline'][k]}")
         if a["pipeline"]["stages"] != b["pipeline"]["stages"]:
-            out.append(f"pipeline.stages: changed ({len(a['pipeline']['stages'])} -> "
-                       f"{len(b['pipeline']['stages'])} stages)")
+            out.append(f"pipeline.stages: {_stages(a['pipeline']['stages'])} -> {_stages(b['pipeline']['stages'])}")
         if a["recompute"] != b["recompute"]:
             out.append(f"recompute: {json.dumps(a['recompute'])} -> {json.dumps(b['recompute'])}")
         ta, tb = a["tensor_parallel"], b["tensor_parallel"]
@@ -679,9 +874,9 @@ class Plan:
                 changed = sorted((k for k in set(ta) | set(tb) if ta.get(k) != tb.get(k)), key=_natural_key)
                 out.append(f"tensor_parallel: {len(changed)} modules changed (e.g. {changed[0]})")
         if a["chunking"] != b["chunking"]:
-            out.append(f"chunking: {json.dumps(a['chunking'])[:80]} -> {json.dumps(b['chunking'])[:80]}")
+            out.append(f"chunking: {_short(a['chunking'])} -> {_short(b['chunking'])}")
         if a["templates"] != b["templates"]:
-            out.append("templates: changed")
+            out.append(f"templates: {_short(a['templates'])} -> {_short(b['templates'])}")
         for k in ("dtype", "global_batch", "seq_len"):
             if a[k] != b[k]:
                 out.append(f"{k}: {a[k]} -> {b[k]}")
@@ -691,19 +886,52 @@ class Plan:
             out.append(f"cluster: {a['cluster']['name']}/{a['cluster']['devices']} -> "
                        f"{b['cluster']['name']}/{b['cluster']['devices']}")
 
-        def pct(x: float, y: float) -> str:
-            if x == y:
-                return "+0.0%"
-            if x == 0:
-                return "n/a (was 0)"
-            return f"{(y - x) / x * 100:+.1f}%"
-
         pa, pb = a["predicted"], b["predicted"]
-        if pa["step_time_s"] != pb["step_time_s"] or out:
+        moved = bool(out)
+        if pa["step_time_s"] != pb["step_time_s"] or moved:
             out.append(f"predicted step time: {pa['step_time_s'] * 1e3:.3f} ms -> {pb['step_time_s'] * 1e3:.3f} ms "
-                       f"({pct(pa['step_time_s'], pb['step_time_s'])})")
-        if pa["peak_memory_bytes"] != pb["peak_memory_bytes"] or out:
-            out.append(f"predicted peak memory: {pa['peak_memory_bytes'] / GIB:.2f} GiB -> "
-                       f"{pb['peak_memory_bytes'] / GIB:.2f} GiB "
-                       f"({pct(pa['peak_memory_bytes'], pb['peak_memory_bytes'])})")
+                       f"({_pct(pa['step_time_s'], pb['step_time_s'])})")
+        if pa["peak_memory_bytes"] != pb["peak_memory_bytes"] or moved:
+            out.append(f"predicted peak memory: {_fmt_bytes(pa['peak_memory_bytes'])} -> "
+                       f"{_fmt_bytes(pb['peak_memory_bytes'])} "
+                       f"({_pct(pa['peak_memory_bytes'], pb['peak_memory_bytes'])})")
+        if pa["comm_bytes"] != pb["comm_bytes"]:
+            out.append(f"predicted comm bytes: {pa['comm_bytes']:,} -> {pb['comm_bytes']:,} "
+                       f"({_pct(pa['comm_bytes'], pb['comm_bytes'])})")
+        if pa["bubble_fraction"] != pb["bubble_fraction"]:
+            out.append(f"predicted bubble: {pa['bubble_fraction'] * 100:.1f} % -> {pb['bubble_fraction'] * 100:.1f} %")
+        ba, bb = dict(_flatten(pa["breakdown"])), dict(_flatten(pb["breakdown"]))
+        for k in sorted(set(ba) | set(bb)):
+            if ba.get(k) != bb.get(k):
+                out.append(f"  breakdown {_part_label(k)}: {_fmt_part(k, ba.get(k))} -> {_fmt_part(k, bb.get(k))}")
+        rest = [k for k in ("tflops_per_device", "mfu") if pa[k] != pb[k]]
+        rest = [f"predicted.{k}" for k in rest]
+        rest += [f"search.{k}" for k in SEARCH_KEYS if k != "seconds" and a["search"][k] != b["search"][k]]
+        rest += [k for k in ("alternatives", "warnings") if a[k] != b[k]]
+        if rest:
+            out.append(f"also changed: {', '.join(rest)}")
         return out
+
+
+def _pct(x: float, y: float) -> str:
+    if x == y:
+        return "+0.0%"
+    if x == 0:
+        return "n/a (was 0)"
+    return f"{(y - x) / x * 100:+.1f}%"
+
+
+def _stages(stages: list) -> str:
+    """Stage cuts: "3 stages [blocks.0..blocks.5 | blocks.6..blocks.11 | -]", else compact JSON."""
+    if stages and all(isinstance(st, dict) and "blocks" in st for st in stages):
+        return _cut(f"{len(stages)} stages [" + " | ".join(str(st["blocks"] or "-") for st in stages) + "]")
+    return f"{len(stages)} stages {_short(stages, 60)}"
+
+
+def _short(v: Any, n: int = 100) -> str:
+    """Compact JSON, cut to ``n`` characters."""
+    return _cut(json.dumps(v, separators=(",", ":")), n)
+
+
+def _cut(text: str, n: int = 100) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."

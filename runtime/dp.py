@@ -55,7 +55,7 @@ class GradSync:
         if not self._enabled or self._queued:
             return
         self._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(self._sync)
+        torch.autograd.Variable._execution_engine.queue_callback(self.sync)
 
     def _buckets(self, params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
@@ -76,7 +76,9 @@ class GradSync:
         return out
 
     @torch.no_grad()
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Average the gradients now (the end-of-backward callback; call it by hand after a
+        ``no_sync`` block whose backward passes ran elsewhere, e.g. inside a pipeline schedule)."""
         self._queued = False
         for bucket in self.buckets:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]

@@ -89,6 +89,12 @@ class Mesh:
         self._check(axis)
         return self.axes[axis]
 
+    def all_groups(self, axis: str) -> list[list[int]]:
+        """Global ranks of every group along ``axis`` (every rank gets the same list, same order)."""
+        self._check(axis)
+        moved = self.device_mesh.mesh.movedim(self.names.index(axis), -1)
+        return moved.reshape(-1, self.axes[axis]).tolist()
+
     def local_rank(self, axis: str) -> int:
         """This rank's coordinate on `axis`."""
         self._check(axis)

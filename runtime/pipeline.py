@@ -39,7 +39,7 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
-from runtime.collectives import all_reduce
+from runtime.collectives import all_reduce, all_reduce_mean_scalar
 from search.errors import BadInput
 
 __all__ = ["PipelineRunner", "ScheduleWave", "SCHEDULES", "stage_ranks", "wave_order"]
@@ -70,8 +70,13 @@ def stage_ranks(schedule: str, num_stages: int, pp: int) -> list[int]:
 class PipelineRunner:
     """This rank's part of a pipeline: its ``PipelineStage``s, the schedule, the tied-gradient groups."""
 
-    def __init__(self, stages: list[torch.nn.Module], schedule: str, microbatches: int, group=None):
+    def __init__(self, stages: list[torch.nn.Module], schedule: str, microbatches: int, group=None,
+                 all_pipelines: list[list[int]] | None = None):
+        """``group``: this rank's pipeline; ``all_pipelines``: the global ranks of every pipeline of the
+        job (default: one pipeline over the whole world), so that every rank creates the tied-weight
+        groups of every pipeline in the same order (``new_group`` must be called by all ranks)."""
         self.pp = dist.get_world_size(group)
+        self.all_pipelines = all_pipelines or [list(range(dist.get_world_size()))]
         self.rank = dist.get_rank(group)
         self.ranks = stage_ranks(schedule, len(stages), self.pp)
         if microbatches < 1:
@@ -149,15 +154,22 @@ class PipelineRunner:
             for p in stage.parameters():
                 if p.requires_grad:
                     owners.setdefault(id(p), (p, set()))[1].add(self.ranks[s])
+        me = dist.get_rank()
         groups, tied = {}, []
         for p, ranks in owners.values():  # same order on every rank: stage order, then parameter order
-            if len(ranks) < 2 or self.rank not in ranks:
+            if len(ranks) < 2:
                 continue
             key = tuple(sorted(ranks))
-            if key not in groups:
-                glob = [dist.get_global_rank(self.group, r) if self.group is not None else r for r in key]
-                groups[key] = dist.new_group(glob, use_local_synchronization=True)
-            tied.append((p, groups[key]))
+            if key not in groups:  # every rank creates this group for every pipeline, in the same order
+                mine = None
+                for pipeline in self.all_pipelines:
+                    members = [pipeline[r] for r in key]
+                    made = dist.new_group(members)
+                    if me in members:
+                        mine = made
+                groups[key] = mine
+            if self.rank in ranks:
+                tied.append((p, groups[key]))
         return tied
 
 
@@ -221,16 +233,25 @@ class PipelineModule(torch.nn.Module):
 
     A pipeline runs forward and backward together, so training is ``loss = pmodel.step(*inputs)``
     (the whole global batch, as the model takes it) then ``opt.step()`` over ``pmodel.parameters()``
-    (this rank's parameters, original names)."""
+    (this rank's parameters, original names). With data parallelism, ``batch`` takes this replica's
+    slice, ``grad_sync`` averages the gradients over ``dp_group`` once per step and the loss returned
+    is the dp mean."""
 
-    def __init__(self, runner: PipelineRunner, plan):
+    def __init__(self, runner: PipelineRunner, plan, batch=None, grad_sync=None, dp_group=None):
         super().__init__()
-        self.runner, self.plan = runner, plan
+        self.runner, self.plan, self.batch, self.grad_sync, self.dp_group = runner, plan, batch, grad_sync, dp_group
         self.stages = torch.nn.ModuleList(runner.stages[s] for s in range(len(runner.stages))
                                           if runner.ranks[s] == runner.rank)
 
     def step(self, *args, **kwargs) -> torch.Tensor:
-        return self.runner.step(*args, **kwargs)
+        if self.batch is not None:
+            args, kwargs = self.batch(args, kwargs)
+        if self.grad_sync is None:
+            return self.runner.step(*args, **kwargs)
+        with self.grad_sync.no_sync():
+            loss = self.runner.step(*args, **kwargs)
+        self.grad_sync.sync()
+        return all_reduce_mean_scalar(loss, self.dp_group)
 
     def forward(self, *args, **kwargs):
         raise BadInput("a pipelined module runs forward and backward together: call loss = module.step(*inputs), "

@@ -243,3 +243,19 @@ def test_real_plan_infeasible_names_minimum_memory(capsys):
     assert main(args + ["--memory-limit", f"{need * 1.01:.4f}"]) == 0, capsys.readouterr().err
     peak = json.loads(capsys.readouterr().out)["predicted"]["peak_memory_bytes"] / 2**30
     assert need * 0.99 <= peak <= need * 1.01
+
+
+def test_plan_record_case(fake_api, capsys):
+    assert main(["plan", "gpt2-small", "--devices", "8", "--seq", "1024", "--memory-limit", "70", "--fix", "tp=2",
+                 "--record-case", "--format", "json"]) == 0
+    case = json.loads(capsys.readouterr().out)["case"]
+    assert case == {"model": "gpt2-small", "cluster": "a100-80g", "devices": 8, "global_batch": None, "seq": 1024,
+                    "dtype": "bf16", "memory_limit_gib": 70.0, "fix": {"tp": 2}}
+
+
+def test_check_and_explain_options_in_help(capsys):
+    assert main(["check", "--help"]) == 0
+    assert "--update" in capsys.readouterr().out
+    assert main(["explain", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--why" in out and "--memory-chart" in out

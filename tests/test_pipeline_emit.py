@@ -169,8 +169,9 @@ def _bad_inputs(rank, world) -> dict:
 AUTO_SCHEDULES = ("1f1b", "zbv")
 
 
-def _auto_parallelize_cases() -> dict:
-    """The planner's pipeline plans (stage cuts from the search) emitted by auto_parallelize."""
+def _auto_parallelize_cases(world: int) -> dict:
+    """The planner's pipeline plans (stage cuts from the search) emitted by auto_parallelize: pp=2 on
+    2 ranks, pp=2 × dp=2 on 4."""
     import json
 
     from planner.api import auto_parallelize, load_cluster, make_plan
@@ -182,8 +183,10 @@ def _auto_parallelize_cases() -> dict:
         ref = copy.deepcopy(model)
         ref_loss = _loss(ref(*args, **kwargs))
         ref_loss.backward()
-        fix = {"pp": 2, "dp": 1, "tp": 1, "zero": 0, "microbatches": 2, "schedule": schedule, "recompute": "none"}
-        plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", 2), dtype="fp32", fix=fix)
+        dp = world // 2
+        fix = {"pp": 2, "dp": dp, "tp": 1, "zero": 0, "microbatches": 4 // dp, "schedule": schedule,
+               "recompute": "none"}
+        plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", world), dtype="fp32", fix=fix)
         pmodel = auto_parallelize(model, (args, kwargs), plan=Plan.from_json(plan.to_json()))
         loss = pmodel.step(*args, **kwargs)
         ref_params = dict(ref.named_parameters(remove_duplicate=False))
@@ -210,7 +213,7 @@ def _all_cases(rank, world, cases):
             raise RuntimeError(f"case {_key(case)} failed on rank {rank}") from exc
     if world == 2:
         out["bad_input"] = _bad_inputs(rank, world)
-        out["auto"] = _auto_parallelize_cases()
+    out["auto"] = _auto_parallelize_cases(world)
     return out
 
 
@@ -384,9 +387,9 @@ def test_wave_order_is_complete_and_near_interleaved_ideal(pp, v, m):
     assert makespan <= 1.02 * ideal, f"wave order takes {makespan} units, interleaved ideal {ideal}"
 
 
-@pytest.mark.parametrize("schedule", AUTO_SCHEDULES)
-def test_auto_parallelize_emits_the_planned_pipeline(schedule):
-    per_rank = [r["auto"][schedule] for r in _results(2)]
+@pytest.mark.parametrize("world,schedule", [(w, s) for w in (2, 4) for s in AUTO_SCHEDULES])
+def test_auto_parallelize_emits_the_planned_pipeline(world, schedule):
+    per_rank = [r["auto"][schedule] for r in _results(world)]
     held = set()
     for rank, r in enumerate(per_rank):
         assert r["loss"] <= TOL and r["grad"] <= TOL, f"rank {rank}: loss {r['loss']:.3g}, grad {r['grad']:.3g}"

@@ -292,7 +292,8 @@ def test_explain_contains_key_numbers():
     for s in ("gpt2-small", "a100-80g", "dp=2", "tp=2", "pp=2", "zero=1", "1f1b", "selective",
               "predicted", "123.457 ms", "20.00 GiB", "151.2", "48.5 %",
               "h.*.attn.c_attn", "colwise×3", "h.*.mlp.c_proj", "rowwise×3",
-              "compute_s", "allreduce_s", "memory.activations_bytes",
+              "h.0-2", "attn.c_attn colwise(3), attn.c_proj rowwise, mlp.c_fc colwise, mlp.c_proj rowwise",
+              "allreduce", "10.000 ms", "8.1 %", "bubble", "24.691 ms", "activations", "4.66 GiB",
               "alternatives", "peak memory 90.00 GiB > 80 GiB", "attention dropout kept replicated"):
         assert s in text, s
     assert "h.0.attn" not in text
@@ -328,3 +329,68 @@ def test_diff_ignores_search_seconds():
     d["search"]["seconds"] = 3.25
     assert a.diff(Plan.from_dict(d)) == []
     assert a.diff(a) == []
+
+
+# ------------------------------------------------------------------ case, placements, richer diff
+
+def example_case(**over) -> dict:
+    return {"model": "gpt2-small", "cluster": "a100-80g", "devices": 8, "global_batch": 32, "seq": 1024,
+            "dtype": "bf16", "memory_limit_gib": None, "fix": {"tp": 2}, **over}
+
+
+def test_case_round_trips_first_after_version():
+    from planner.plan import case_command
+
+    p = Plan.from_dict(example_plan_dict(case=example_case()))
+    assert list(json.loads(p.to_json()))[:3] == ["version", "case", "model"]
+    assert Plan.from_json(p.to_json()) == p
+    cmd = case_command(p.to_dict()["case"])
+    assert cmd == "autopar plan gpt2-small --cluster a100-80g --devices 8 --global-batch 32 --seq 1024 --dtype bf16 " \
+                  "--fix tp=2"
+    assert "inputs" in p.explain() and cmd[:60] in p.explain()
+
+
+@pytest.mark.parametrize("case, field", [
+    (example_case(fix={"tp": 0}), "case.fix.tp"),
+    (example_case(fix={"zero": 4}), "case.fix.zero"),
+    (example_case(fix={"bogus": 1}), "case.fix.bogus"),
+    (example_case(fix={"schedule": "fast"}), "case.fix.schedule"),
+    (example_case(devices="8"), "case.devices"),
+    (example_case(memory_limit_gib=-1), "case.memory_limit_gib"),
+    (example_case(dtype="int8"), "case.dtype"),
+    (example_case(extra=1), "case.extra"),
+    ({k: v for k, v in example_case().items() if k != "seq"}, "case.seq"),
+    ([], "case"),
+])
+def test_bad_case_names_the_field(case, field):
+    _bad(example_plan_dict(case=case), f"'{field}'")
+
+
+def test_placements_group_blocks_and_show_replicated_instances():
+    from planner.plan import placements
+
+    tp = {f"blocks.{i}.{m}": {"style": s, "groups": g} for i in range(4)
+          for m, s, g in (("attn.qkv", "colwise", 3), ("attn.proj", "rowwise", 1))}
+    tp.update({f"blocks.{i}.mlp.fc": {"style": "colwise", "groups": 1} for i in (0, 1)})
+    tp["lm_head"] = {"style": "colwise", "groups": 1}
+    templates = [{"id": "t0", "first": "blocks.0", "instances": 6}]
+    assert placements(tp, templates) == [
+        ("t0 (6×)", "blocks.0-1", "attn.proj rowwise, attn.qkv colwise(3), mlp.fc colwise"),
+        ("t0 (6×)", "blocks.2-3", "attn.proj rowwise, attn.qkv colwise(3)"),
+        ("t0 (6×)", "2 instances", "replicated"),
+        ("", "(outside blocks)", "lm_head colwise"),
+    ]
+
+
+def test_diff_names_stage_cuts_breakdown_and_other_fields():
+    a = Plan.from_dict(example_plan_dict())
+    d = example_plan_dict()
+    d["pipeline"]["stages"] = [{"blocks": "h.0..h.1"}, {"blocks": "h.2..h.2"}]
+    d["predicted"]["comm_bytes"] = 2 * 987654321
+    d["predicted"]["breakdown"]["allreduce_s"] = 0.02
+    d["alternatives"] = []
+    text = "\n".join(a.diff(Plan.from_dict(d)))
+    for s in ('pipeline.stages: 2 stages [{"layers":[0,1]},{"layers":[2]}] -> 2 stages [h.0..h.1 | h.2..h.2]',
+              "predicted comm bytes: 987,654,321 -> 1,975,308,642 (+100.0%)",
+              "breakdown allreduce: 10.000 ms -> 20.000 ms", "also changed: alternatives"):
+        assert s in text, (s, text)

@@ -1,0 +1,219 @@
+"""Golden-plan regression (`autopar check`) and re-planning of the case a plan records.
+
+A golden file is a plan JSON with a top-level ``case`` (the inputs that produced it). ``check``
+re-plans every case in a directory and compares the canonical plan; a mismatch prints
+``Plan.diff`` (the decisions that moved and the predicted deltas). Add a case with
+``autopar plan ... --record-case --out tests/golden/NAME.json``; refresh all with ``autopar check --update``.
+``why`` and ``memory_chart`` serve ``autopar explain``: they re-plan a recorded case with more pins.
+
+    autopar check                      # exit 0 all equal, 1 a plan changed, 2 a golden file is bad
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from planner.plan import Plan
+from search.errors import BadInput, Infeasible
+
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
+
+
+def make_case(model: str, *, cluster: str = "a100-80g", devices: int | None = None, global_batch: int | None = None,
+              seq: int | None = None, dtype: str = "bf16", memory_limit_gib: float | None = None,
+              fix: dict | None = None) -> dict:
+    """The ``case`` object a plan records (same meaning as the ``autopar plan`` options)."""
+    return {"model": model, "cluster": cluster, "devices": devices, "global_batch": global_batch, "seq": seq,
+            "dtype": dtype, "memory_limit_gib": memory_limit_gib, "fix": dict(fix or {})}
+
+
+def with_case(plan: Plan, case: dict) -> Plan:
+    """``plan`` with ``case`` recorded (validated like the rest of the plan)."""
+    d = plan.to_dict()
+    d["case"] = case
+    return Plan.from_dict(d)
+
+
+def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True) -> Plan:
+    """Re-plan a recorded case, optionally with more decisions pinned; the result records its own case."""
+    from planner.api import make_plan_from_spec
+
+    case = {**case, "fix": {**case["fix"], **(extra_fix or {})}}
+    plan = make_plan_from_spec(case["model"], cluster=case["cluster"], devices=case["devices"],
+                               global_batch=case["global_batch"], seq_len=case["seq"], dtype=case["dtype"],
+                               memory_limit_gib=case["memory_limit_gib"], fix=case["fix"], fold=fold)
+    return with_case(plan, case)
+
+
+def load_golden(directory: str | Path) -> list[tuple[Path, Plan]]:
+    """Every ``*.json`` in ``directory``, validated, each with a recorded case; BadInput names the file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInput(f"golden directory {str(directory)!r}: not found")
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise BadInput(f"golden directory {str(directory)!r}: no *.json plans "
+                       "(add one with `autopar plan ... --record-case --out DIR/NAME.json`)")
+    out = []
+    for f in files:
+        try:
+            plan = Plan.from_json(f)
+        except BadInput as e:
+            raise BadInput(f"golden {e}" if str(f) in str(e) else f"golden file {f}: {e}") from None
+        if "case" not in plan.to_dict():
+            raise BadInput(f"golden file {f}: no 'case' (the inputs to re-plan); "
+                           "re-create it with `autopar plan ... --record-case --out FILE`")
+        out.append((f, plan))
+    return out
+
+
+def check(directory: str | Path = GOLDEN_DIR, *, update: bool = False,
+          echo: Callable[[str], None] = print) -> int:
+    """Re-plan every golden case; 0 if all match (or were rewritten with ``update``), 1 otherwise.
+
+    Prints one line per case and, for a mismatch, the decision diff golden -> now.
+    """
+    golden = load_golden(directory)
+    start = time.perf_counter()
+    failed = rewritten = 0
+    for path, old in golden:
+        t0 = time.perf_counter()
+        try:
+            new = plan_case(old.to_dict()["case"], fold=old.search["folded"])
+        except Infeasible as e:
+            failed += 1
+            echo(f"FAIL     {path.name}: now infeasible: {e}")
+            continue
+        except BadInput as e:
+            raise BadInput(f"golden file {path}: its case no longer plans: {e}") from None
+        secs = f"({time.perf_counter() - t0:.1f} s)"
+        if new == old:
+            echo(f"ok       {path.name} {secs}")
+        elif update:
+            path.write_text(new.to_json(), encoding="utf-8")
+            rewritten += 1
+            echo(f"updated  {path.name} {secs}")
+        else:
+            failed += 1
+            echo(f"CHANGED  {path.name} {secs}")
+            for line in old.diff(new):
+                echo(f"    {line}")
+    summary = f"{len(golden)} cases, {time.perf_counter() - start:.1f} s"
+    if update:
+        summary += f", {rewritten} rewritten"
+    if failed:
+        summary += f", {failed} failed" + ("" if update else
+                                           " (if intended: `autopar check --update`, review and commit)")
+    echo(summary)
+    return 1 if failed else 0
+
+
+def _recorded_case(plan: Plan) -> dict:
+    case = plan.to_dict().get("case")
+    if case is None:
+        raise BadInput("this plan records no 'case' (its inputs), so it cannot be re-planned; "
+                       "re-create it with `autopar plan ... --record-case --out FILE`")
+    return case
+
+
+def why(plan: Plan, extra_fix: dict) -> list[str]:
+    """Re-plan ``plan``'s case with ``extra_fix`` pinned: the decisions that move and the predicted deltas."""
+    pins = ",".join(f"{k}={v}" for k, v in extra_fix.items())
+    try:
+        alt = plan_case(_recorded_case(plan), extra_fix, fold=plan.search["folded"])
+    except Infeasible as e:
+        return [f"{pins}: no plan fits: {e}"]
+    lines = plan.diff(alt)
+    if not lines:
+        return [f"{pins}: the chosen plan already has it (same plan)"]
+    a, b = plan.predicted["step_time_s"], alt.predicted["step_time_s"]
+    if b > a:
+        verdict = f"{pins} loses: {(b / a - 1) * 100:.1f}% slower predicted step"
+    elif b < a:
+        verdict = f"{pins} is {(1 - b / a) * 100:.1f}% faster: this plan is stale, re-plan it"
+    else:
+        verdict = f"{pins} ties on step time; the chosen plan wins on memory or the tie-break order"
+    return [f"chosen -> {pins}:", *(f"  {line}" for line in lines), verdict]
+
+
+def memory_chart(plan: Plan, path: str | Path, runners_up: int = 4) -> None:
+    """Stacked bars of predicted memory per device for the winner and its runners-up (PNG, Agg backend).
+
+    Runners-up are re-planned from the recorded case to get their breakdown; without a case they show
+    only their recorded peak.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from planner.plan import split_breakdown
+
+    d = plan.to_dict()
+    bars = [("chosen\n" + _label(d["degrees"], d["degrees"]["zero"], d["pipeline"]["microbatch_size"],
+                                 d["recompute"]), split_breakdown(d["predicted"]["breakdown"])[1])]
+    for i, alt in enumerate(d["alternatives"][:runners_up]):
+        label = f"#{i + 1}" + ("" if alt.get("feasible", True) else " (no fit)") + "\n" + _label(
+            alt.get("degrees", {}), alt.get("zero"), alt.get("microbatch_size"), alt.get("recompute"))
+        bars.append((label, _alt_memory(plan, alt)))
+    parts = list(dict.fromkeys(k for _, mem in bars for k in mem))
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(bars), 4.8))
+    xs = range(len(bars))
+    bottom = [0.0] * len(bars)
+    for part in parts:
+        vals = [mem.get(part, 0.0) / 2**30 for _, mem in bars]
+        ax.bar(xs, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    limit = _limit_gib(d)
+    if limit is not None:
+        ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit {limit:g} GiB")
+    ax.set_xticks(list(xs), [label for label, _ in bars], fontsize=8)
+    ax.set_ylabel("GiB per device (predicted)")
+    ax.set_title(f"{d['model']['name']} on {d['cluster']['devices']}× {d['cluster']['name']}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise BadInput(f"--memory-chart {path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+
+
+def _label(degrees: dict, zero, mbs, recompute) -> str:
+    deg = " ".join(f"{k}{degrees[k]}" for k in ("dp", "tp", "pp", "sp") if degrees.get(k, 1) != 1) or "dp1"
+    return f"{deg}\nZeRO-{zero} mbs {mbs}\nrecompute {recompute}"
+
+
+def _alt_memory(plan: Plan, alt: dict) -> dict[str, float]:
+    """Memory parts of a runner-up, re-planned with its decisions pinned; only the recorded peak without a case."""
+    from planner.plan import split_breakdown
+
+    total = {"total (no breakdown)": float(alt.get("peak_memory_bytes") or 0)}
+    case = plan.to_dict().get("case")
+    deg = alt.get("degrees", {})
+    dp, tp, zero, mbs = deg.get("dp"), deg.get("tp"), alt.get("zero"), alt.get("microbatch_size")
+    if case is None or not all(isinstance(v, int) and v >= 0 for v in (dp, tp, zero, mbs)) or not (dp and mbs) \
+            or not isinstance(alt.get("recompute"), str):
+        return total
+    pins = {"dp": dp, "tp": tp, "pp": deg.get("pp", 1), "zero": zero, "recompute": alt["recompute"],
+            "microbatches": max(1, plan.global_batch // dp // mbs)}
+    if not alt.get("feasible", True):
+        case = {**case, "memory_limit_gib": 1e9}  # price it although it does not fit
+    try:
+        got = plan_case(case, pins, fold=plan.search["folded"])
+    except (BadInput, Infeasible):
+        return total
+    return split_breakdown(got.predicted["breakdown"])[1]
+
+
+def _limit_gib(d: dict) -> float | None:
+    """The per-device memory limit: the case's, else the built-in cluster's device memory."""
+    case = d.get("case") or {}
+    if case.get("memory_limit_gib") is not None:
+        return case["memory_limit_gib"]
+    from search.cluster import builtin_names, get_cluster
+
+    name = d["cluster"]["name"]
+    return get_cluster(name).memory_bytes / 2**30 if name in builtin_names() and name != "cpu" else None
