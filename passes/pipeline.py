@@ -24,6 +24,8 @@ The graph is specialised to its capture shapes: capture at the *microbatch* size
 """
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 import torch.fx as fx
 
@@ -114,18 +116,11 @@ def _parameter_free(gm: fx.GraphModule) -> set[fx.Node]:
     trainable = {id(p) for p in gm.parameters() if p.requires_grad}
     free: set[fx.Node] = set()
     for n in gm.graph.nodes:
-        if n.op == "placeholder" or (n.op == "get_attr" and id(_attr(gm, n.target)) not in trainable):
+        if n.op == "placeholder" or (n.op == "get_attr" and id(attrgetter(n.target)(gm)) not in trainable):
             free.add(n)
         elif n.op == "call_function" and all(a in free for a in n.all_input_nodes) and not _random(n):
             free.add(n)
     return {n for n in free if n.op == "call_function"}
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _random(n: fx.Node) -> bool:

@@ -19,6 +19,7 @@ import os
 import sys
 import re
 import traceback
+from operator import attrgetter
 
 import torch
 import torch.fx as fx
@@ -60,7 +61,7 @@ def annotate(gm: fx.GraphModule) -> None:
     needs_grad = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            attr = _get_attr(gm, node.target)
+            attr = attrgetter(node.target)(gm)
             if isinstance(attr, torch.nn.Parameter) and attr.requires_grad:
                 needs_grad.add(node)
         elif node.op == "placeholder":
@@ -99,7 +100,7 @@ def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[st
         bwd = fwd
     canonical = canonical or {}
     params = tuple(canonical.get(a.target, a.target) for a in node.all_input_nodes
-                   if a.op == "get_attr" and isinstance(_get_attr(gm, a.target), torch.nn.Parameter))
+                   if a.op == "get_attr" and isinstance(attrgetter(a.target)(gm), torch.nn.Parameter))
     return NodeInfo(
         op=op,
         shape=tuple(out_t.shape) if out_t is not None else None,
@@ -166,13 +167,6 @@ def _tensor_bytes(val) -> int:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _get_attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _scope(node: fx.Node) -> str:

@@ -129,3 +129,19 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120) -> list:
     if failure is not None:
         raise AssertionError(failure)
     return [results[r] for r in range(world_size)]
+
+
+def launch_once(cache: dict, world: int, fn, *args, timeout: float, label: str = "") -> list:
+    """``run_ranks(fn, world, *args)`` once per world size and test module: many checks share one
+    launch (starting ranks costs seconds). A failed launch is cached and re-raised for every test."""
+    if world not in cache:
+        t0 = time.perf_counter()
+        try:
+            cache[world] = run_ranks(fn, world, *args, timeout=timeout)
+        except AssertionError as exc:
+            cache[world] = exc
+        print(f"\n{world}-rank {label} launch: {time.perf_counter() - t0:.1f}s")
+    got = cache[world]
+    if isinstance(got, AssertionError):
+        raise AssertionError(f"the {world}-rank {label} launch failed:\n{got}")
+    return got

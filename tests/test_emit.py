@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port, run_ranks
+from tests.distributed import free_port, launch_once
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -243,18 +243,7 @@ _RESULTS: dict[int, object] = {}
 
 def _results(world: int) -> list:
     """One launch per world size, cached for the whole module (a failed launch is cached too)."""
-    if world not in _RESULTS:
-        cases = CASES_2 if world == 2 else CASES_4
-        t0 = time.perf_counter()
-        try:
-            _RESULTS[world] = run_ranks(_all_cases, world, cases, world == 2, timeout=240)
-        except AssertionError as exc:
-            _RESULTS[world] = exc
-        print(f"\n{world}-rank launch: {time.perf_counter() - t0:.1f}s")
-    got = _RESULTS[world]
-    if isinstance(got, AssertionError):
-        raise AssertionError(f"the {world}-rank launch failed:\n{got}")
-    return got
+    return launch_once(_RESULTS, world, _all_cases, CASES_2 if world == 2 else CASES_4, world == 2, timeout=240)
 
 
 def _case_ids(cases):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from passes.pipeline import split_stages
-from tests.distributed import run_ranks
+from tests.distributed import launch_once
 
 TOL = 1e-5
 BATCH = 8
@@ -221,18 +221,9 @@ _RESULTS: dict[int, object] = {}
 
 
 def _results(world: int) -> list:
-    """One launch per world size, cached for the module (a failed launch is cached too)."""
-    if world not in _RESULTS:
-        t0 = time.perf_counter()
-        try:
-            _RESULTS[world] = run_ranks(_all_cases, world, CASES_2 if world == 2 else CASES_4, timeout=300)
-        except AssertionError as exc:
-            _RESULTS[world] = exc
-        print(f"\n{world}-rank pipeline launch: {time.perf_counter() - t0:.1f}s")
-    got = _RESULTS[world]
-    if isinstance(got, AssertionError):
-        raise AssertionError(f"the {world}-rank launch failed:\n{got}")
-    return got
+    """One launch per world size, cached for the module."""
+    return launch_once(_RESULTS, world, _all_cases, CASES_2 if world == 2 else CASES_4, timeout=300,
+                       label="pipeline")
 
 
 @pytest.mark.parametrize("world,case", [(2, c) for c in CASES_2] + [(4, c) for c in CASES_4],
