@@ -162,7 +162,8 @@ def _stages(c: Candidate, folding) -> list[dict]:
         out.append({"regions": list(st.regions), "rank": st.rank,
                     "blocks": f"{scopes[0]}..{scopes[-1]}" if scopes else "",
                     "outside_blocks": sum(1 for r in regions if not r.scope),
-                    "time_per_microbatch_s": st.time_s, "peak_memory_bytes": int(sum(st.memory.values()))})
+                    "time_per_microbatch_s": st.time_s, "fwd_per_microbatch_s": st.fwd_s,
+                    "wgrad_per_microbatch_s": st.wgrad_s, "peak_memory_bytes": int(sum(st.memory.values()))})
     return out
 
 

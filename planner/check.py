@@ -217,3 +217,51 @@ def _limit_gib(d: dict) -> float | None:
 
     name = d["cluster"]["name"]
     return get_cluster(name).memory_bytes / 2**30 if name in builtin_names() and name != "cpu" else None
+
+
+def schedule_timeline(plan: Plan, path: str | Path, microbatches: int | None = None) -> float:
+    """Draw the plan's pipeline schedule (ranks × time; forward, backward and weight-gradient blocks)
+    as simulated from its stages' predicted times (``search.pipeline.simulate``; at most 2·pp
+    microbatches, so the picture stays readable). Returns the simulated idle fraction (pipeline
+    bubble plus any imbalance between ranks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from search.pipeline import simulate
+
+    d = plan.to_dict()
+    pp, stages = d["degrees"]["pp"], d["pipeline"]["stages"]
+    if pp < 2 or not stages:
+        raise BadInput("--timeline: the plan is not pipelined (pp=1); plan with --fix pp=..,schedule=..")
+    m = microbatches or min(d["pipeline"]["microbatches"], 2 * pp)
+    times = []
+    for st in stages:
+        f, w = st.get("fwd_per_microbatch_s", 0.0), st.get("wgrad_per_microbatch_s", 0.0)
+        times.append((f, st["time_per_microbatch_s"] - f - w, w))
+    events = simulate(d["pipeline"]["schedule"], [st["rank"] for st in stages], times, m)
+    span = max(e[5] for e in events)
+    bubble = 1 - sum(e[5] - e[4] for e in events) / (pp * span)
+    colors = {"F": "tab:blue", "B": "tab:green", "W": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(12, 0.5 * pp + 1.6))
+    for rank, kind, chunk, mb, start, end in events:
+        ax.broken_barh([(start * 1e3, (end - start) * 1e3)], (rank - 0.4, 0.8), facecolors=colors[kind],
+                       edgecolor="white", linewidth=0.3)
+        if (end - start) / span > 0.012:
+            ax.text((start + end) / 2 * 1e3, rank, str(mb), ha="center", va="center", fontsize=6, color="white")
+    ax.set_yticks(range(pp), [f"rank {r}" for r in range(pp)])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (predicted stage times)")
+    ax.set_title(f"{d['pipeline']['schedule']}: {pp} ranks, {len(stages)} chunks, {m} microbatches — "
+                 f"simulated idle {bubble * 100:.1f} %", fontsize=10)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()],
+              labels=["forward", "backward (input grad)", "weight grad"], fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as e:
+        raise BadInput(f"--timeline {path}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return bubble

@@ -98,6 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          "repeatable")
     ex.add_argument("--memory-chart", metavar="OUT.png",
                     help="write predicted memory per device (winner and runners-up) as a stacked bar chart")
+    ex.add_argument("--timeline", metavar="OUT.png",
+                    help="draw the pipeline schedule (ranks × time) simulated from the stages' predicted times")
 
     ck = sub.add_parser("check", help="re-plan the golden plans and report any decision that moved")
     ck.add_argument("dir", nargs="?", metavar="DIR", help="directory of golden plan JSON (default: tests/golden)")
@@ -197,7 +199,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    """The plan report, or with --why only the comparisons; --memory-chart also writes the PNG."""
+    """The plan report, or with --why only the comparisons; --memory-chart / --timeline write PNGs."""
     from planner import check
     from planner.plan import Plan
 
@@ -210,6 +212,10 @@ def _cmd_explain(args) -> int:
     if args.memory_chart:
         check.memory_chart(plan, args.memory_chart)
         print(f"memory chart written to {args.memory_chart}")
+    if args.timeline:
+        bubble = check.schedule_timeline(plan, args.timeline)
+        print(f"schedule timeline written to {args.timeline} (simulated idle, bubble and imbalance: "
+              f"{bubble * 100:.1f} %; priced bubble {plan.predicted['bubble_fraction'] * 100:.1f} %)")
     return 0
 
 

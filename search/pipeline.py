@@ -124,22 +124,25 @@ def stage_memory(rg: Regions, ranges: list[tuple[int, int]], *, s: int, p: int, 
     return {**states, "activations": act}
 
 
-def partition(rg: Regions, p: int, fits: Callable[[int, int, int], bool]) -> list[tuple[int, int]] | None:
-    """Cut the regions into ``p`` contiguous stages minimizing the slowest one; ``fits(s, a, b)`` says
-    whether stage ``s`` may hold regions [a, b). None when no cut fits."""
+def partition(rg: Regions, p: int, fits: Callable[[int, int, int], bool],
+              owner: list[int] | None = None) -> list[tuple[int, int]] | None:
+    """Cut the regions into ``p`` contiguous stages minimizing the slowest rank, where ``owner[s]`` is
+    the rank running stage s (default: one stage per rank); ``fits(s, a, b)`` says whether stage ``s``
+    may hold regions [a, b). None when no cut fits."""
+    owner = owner or list(range(p))
     n = len(rg)
     if p > n:
         return None
     lo = max(rg.time[i + 1] - rg.time[i] for i in range(n))
     hi = rg.time[n]
-    best = _greedy(rg, p, hi, fits)
+    best = _greedy(rg, p, hi, fits, owner)
     if best is None:
         return None
     for _ in range(40):
         if hi - lo <= 1e-6 * hi:
             break
         mid = (lo + hi) / 2
-        cut = _greedy(rg, p, mid, fits)
+        cut = _greedy(rg, p, mid, fits, owner)
         if cut is None:
             lo = mid
         else:
@@ -147,17 +150,19 @@ def partition(rg: Regions, p: int, fits: Callable[[int, int, int], bool]) -> lis
     return best
 
 
-def _greedy(rg: Regions, p: int, limit: float, fits) -> list[tuple[int, int]] | None:
-    """Each stage takes as many regions as ``limit`` seconds and memory allow, leaving one region
-    for each later stage; exactly ``p`` stages or None."""
+def _greedy(rg: Regions, p: int, limit: float, fits, owner: list[int]) -> list[tuple[int, int]] | None:
+    """Each stage takes as many regions as its rank's remaining ``limit`` seconds and memory allow,
+    leaving one region for each later stage; exactly ``p`` stages or None."""
     n = len(rg)
     stages, a = [], 0
+    used = dict.fromkeys(owner, 0.0)
     for s in range(p):
         last = n - (p - 1 - s)
+        budget = limit - used[owner[s]]
         if s == p - 1:
             e = n
-        else:  # the furthest end within the time limit, then back off while memory does not fit
-            e = min(last, bisect.bisect_right(rg.time, rg.time[a] + limit, lo=a + 1) - 1)
+        else:  # the furthest end within the time budget, then back off while memory does not fit
+            e = min(last, bisect.bisect_right(rg.time, rg.time[a] + budget, lo=a + 1) - 1)
         if e <= a:
             return None
         lo, hi = a, e  # largest end in (a, e] that fits: fits is monotone in the end
@@ -167,8 +172,9 @@ def _greedy(rg: Regions, p: int, limit: float, fits) -> list[tuple[int, int]] | 
                 lo = mid
             else:
                 hi = mid - 1
-        if lo == a or (s == p - 1 and (lo < n or rg.time[n] - rg.time[a] > limit)):
+        if lo == a or (s == p - 1 and (lo < n or rg.time[n] - rg.time[a] > budget)):
             return None
+        used[owner[s]] += rg.time[lo] - rg.time[a]
         stages.append((a, lo))
         a = lo
     return stages
@@ -189,6 +195,13 @@ def regions_for(space: Space, cl: Cluster, dtype: str, scale: float, *, micro: i
         kept = act if r.template is None else r.input_bytes * per_sample
         rows.append((t, fwd, wgrad, w.params, act, kept, act, r.input_bytes * per_sample))
     return Regions.build(rows)
+
+
+def _slowest_rank(rg: Regions, cuts: list[tuple[int, int]], ranks: list[int]) -> float:
+    load = dict.fromkeys(ranks, 0.0)
+    for (a, b), r in zip(cuts, ranks):
+        load[r] += rg.time[b] - rg.time[a]
+    return max(load.values())
 
 
 def chunk_ranks(schedule: str, p: int) -> list[int]:
@@ -216,8 +229,10 @@ def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats
     for schedule in schedules:
         ranks = chunk_ranks(schedule, pp)
         v, n = CHUNKS[schedule], len(ranks)
-        if (id(rg), n) not in cache:
-            cache[(id(rg), n)] = partition(rg, n, lambda k, a, b: True)
+        if (id(rg), schedule) not in cache:  # the better of chunk-balanced and rank-budgeted cuts
+            cuts = [c for c in (partition(rg, n, lambda k, a, b: True),
+                                partition(rg, n, lambda k, a, b: True, ranks)) if c is not None]
+            cache[(id(rg), schedule)] = min(cuts, key=lambda c: _slowest_rank(rg, c, ranks), default=None)
 
         def mem(d, ranges):
             return stage_memory(rg, ranges, s=d, p=pp, m=m, schedule=schedule, dtype=dtype, zero=zero, dp=dp,
@@ -226,12 +241,12 @@ def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats
         def fits(cuts):
             return all(sum(mem(d, [c for c, r in zip(cuts, ranks) if r == d]).values()) <= limit for d in range(pp))
 
-        cuts = cache[(id(rg), n)]
+        cuts = cache[(id(rg), schedule)]
         if cuts is not None and not fits(cuts):
-            cuts = partition(rg, n, lambda k, a, b: sum(mem(ranks[k], [(a, b)]).values()) <= limit / v)
+            cuts = partition(rg, n, lambda k, a, b: sum(mem(ranks[k], [(a, b)]).values()) <= limit / v, ranks)
         c = Candidate(dp, mesh[2], zero, micro, m, recompute, layout=layout, pp=pp, schedule=schedule)
         if cuts is None or not fits(cuts):  # nothing fits: price the time-balanced cut to report its memory
-            cuts = cache[(id(rg), n)]
+            cuts = cache[(id(rg), schedule)]
             c.feasible = False
         if cuts is None:
             c.reason = f"pp={pp} {schedule} needs at least {n} regions"
@@ -266,3 +281,56 @@ def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats
             c.reason = f"pp={pp} {schedule}: the leanest stage cut needs {c.peak_memory / 2**30:.3g} GiB per device"
         out.append(c)
     return out
+
+
+def simulate(schedule: str, ranks: list[int], times: list[tuple[float, float, float]], m: int
+             ) -> list[tuple[int, str, int, int, float, float]]:
+    """A timeline of ``m`` microbatches through the chunks (``ranks[k]`` runs chunk k; ``times[k]`` =
+    its forward, input-gradient and weight-gradient seconds): (rank, "F"|"B"|"W", chunk, microbatch,
+    start, end) by list scheduling — each step starts the action that can start first, ties to the
+    schedule's preference. GPipe runs all forwards first; the others keep at most v·(p − rank)
+    microbatches in flight per rank and prefer backward; the zero-bubble schedules (zb-h1, zbv) run
+    weight gradients separately, last in preference, so they fill the gaps. For pictures and checks
+    of the bubble formulas, not for pricing."""
+    n, p = len(ranks), max(ranks) + 1
+    split_w = schedule in ("zb-h1", "zbv")
+    limit = [_cap(schedule, p, r) for r in range(p)]
+    first = [min(c for c in range(n) if ranks[c] == r) for r in range(p)]  # a microbatch enters a rank here
+    done: dict[tuple[str, int, int], float] = {}
+    free = [0.0] * p
+    inflight_mb = [0] * p
+    left = {(kind, k, i) for k in range(n) for i in range(m) for kind in ("FBW" if split_w else "FB")}
+    out = []
+    order = {"F": 1, "B": 0, "W": 2} if schedule != "gpipe" else {"F": 0, "B": 1, "W": 2}
+    while left:
+        best = None
+        for kind, k, i in left:
+            r = ranks[k]
+            dep = {"F": ("F", k - 1, i) if k else None, "B": ("B", k + 1, i) if k < n - 1 else ("F", k, i),
+                   "W": ("B", k, i)}[kind]
+            if dep is not None and dep not in done:
+                continue
+            if kind == "F" and k == first[r] and inflight_mb[r] >= limit[r] and schedule != "gpipe":
+                continue
+            if kind == "B" and schedule == "gpipe" and any(("F", k, j) not in done for j in range(m)):
+                continue
+            start = max(free[r], done[dep] if dep is not None else 0.0)
+            key = (start, order[kind], i, k)
+            if best is None or key < best[0]:
+                best = (key, kind, k, i)
+        (start, _, _, _), kind, k, i = best
+        r = ranks[k]
+        f, b, w = times[k]
+        end = start + {"F": f, "B": b if split_w else b + w, "W": w}[kind]
+        out.append((r, kind, k, i, start, end))
+        done[(kind, k, i)] = end
+        free[r] = end
+        left.discard((kind, k, i))
+        if k == first[r] and kind in "FB":
+            inflight_mb[r] += 1 if kind == "F" else -1
+    return sorted(out, key=lambda a: (a[0], a[4]))
+
+
+def _cap(schedule: str, p: int, r: int) -> int:
+    """Microbatches rank ``r`` lets in before its first backward (1F1B's warm-up, v chunks deep)."""
+    return CHUNKS[schedule] * p - r

@@ -3,12 +3,15 @@ schedule (DESIGN §4), and the planner's choice of the fewest stages that fit.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from planner.api import make_plan_from_spec
 from search.errors import BadInput, Infeasible
-from search.pipeline import SCHEDULES, Regions, bubble, inflight, partition
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+from search.pipeline import SCHEDULES, Regions, bubble, chunk_ranks, inflight, partition, simulate
 
 
 def _regions(times, params=None, act=None):
@@ -117,3 +120,31 @@ def test_bad_pipeline_fixes():
         make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, fix={"pp": 1, "schedule": "1f1b"})
     with pytest.raises(BadInput, match="does not factor"):
         make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, fix={"pp": 4, "dp": 4})
+
+
+def _makespan(schedule, p, m):
+    ranks = chunk_ranks(schedule, p)
+    v = len(ranks) // p
+    events = simulate(schedule, ranks, [(1 / v, 1 / v, 1 / v)] * len(ranks), m)  # F = B = W, t = 3 per rank
+    assert len(events) == len(ranks) * m * (3 if schedule in ("zb-h1", "zbv") else 2)
+    return max(e[5] for e in events)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16)])
+def test_simulated_timeline_matches_bubble_formulas(p, m):
+    t = 3.0
+    assert _makespan("gpipe", p, m) == pytest.approx((m + p - 1) * t)
+    assert _makespan("1f1b", p, m) == pytest.approx(m * t + bubble("1f1b", p, t, 1.0, 1.0))
+    assert _makespan("zb-h1", p, m) < _makespan("1f1b", p, m)
+    assert _makespan("zbv", p, m) <= m * t * 1.12  # near zero bubble when F = B = W
+
+
+def test_explain_timeline_picture(tmp_path, capsys):
+    from planner.cli import main
+
+    golden = GOLDEN / "gpt2-xl_a100_8_mem5_zero1.json"
+    out = tmp_path / "timeline.png"
+    assert main(["explain", str(golden), "--timeline", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "simulated idle" in capsys.readouterr().out
+    assert main(["explain", str(GOLDEN / "gpt-tiny_a100_8.json"), "--timeline", str(tmp_path / "x.png")]) == 2
+    assert "not pipelined" in capsys.readouterr().err
