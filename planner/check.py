@@ -172,13 +172,7 @@ def memory_chart(plan: Plan, path: str | Path, runners_up: int = 4) -> None:
     ax.set_ylabel("GiB per device (predicted)")
     ax.set_title(f"{d['model']['name']} on {d['cluster']['devices']}× {d['cluster']['name']}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as e:
-        raise BadInput(f"--memory-chart {path}: cannot write ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
+    _save(fig, path, "--memory-chart")
 
 
 def _label(degrees: dict, zero, mbs, recompute) -> str:
@@ -257,11 +251,18 @@ def schedule_timeline(plan: Plan, path: str | Path, microbatches: int | None = N
                  f"simulated idle {bubble * 100:.1f} %", fontsize=10)
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()],
               labels=["forward", "backward (input grad)", "weight grad"], fontsize=8, loc="lower right")
+    _save(fig, path, "--timeline")
+    return bubble
+
+
+def _save(fig, path: str | Path, option: str) -> None:
+    """Write ``fig`` as PNG; an unwritable path is bad input naming ``option``."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=100)
     except OSError as e:
-        raise BadInput(f"--timeline {path}: cannot write ({e.strerror or e})") from None
+        raise BadInput(f"{option} {path}: cannot write ({e.strerror or e})") from None
     finally:
         plt.close(fig)
-    return bubble
