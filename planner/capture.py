@@ -223,5 +223,14 @@ def _explain_export_failure(model: torch.nn.Module, exc: Exception) -> str:
     where = f" at {user[-1].filename.rsplit('/', 1)[-1]}:{user[-1].lineno} ({user[-1].line})" if user else ""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"could not capture {type(model).__name__} with torch.export{where}: {type(exc).__name__}: {first[:300]}. "
-            "Data-dependent Python control flow (if/for on tensor values, .item(), .tolist()) cannot be traced: "
+            + _advice(exc))
+
+
+def _advice(exc: Exception) -> str:
+    """What to do about the usual causes of an export failure."""
+    text = f"{type(exc).__name__} {exc}"
+    if "device" in text.lower() and ("meta" in text or "Device" in text):
+        return ("The model's parameters and the example inputs are on different devices: build both on the "
+                "same device (e.g. `with torch.device('meta'):` around the model and meta inputs).")
+    return ("Data-dependent Python control flow (if/for on tensor values, .item(), .tolist()) cannot be traced: "
             "replace it with torch.where/torch.cond, or move it out of forward().")

@@ -149,3 +149,10 @@ def test_untraceable_model_gives_actionable_capture_error():
     assert "torch.where" in msg and "torch.cond" in msg
     assert "\n" not in msg and "Traceback" not in msg and len(msg) < 1000
     assert ei.value.__cause__ is None and ei.value.__suppress_context__
+
+
+def test_device_mismatch_capture_error_says_so():
+    with pytest.raises(CaptureError) as ei:
+        capture(torch.nn.Linear(4, 4), (torch.empty(2, 4, device="meta"),))
+    msg = str(ei.value)
+    assert "different devices" in msg and "torch.where" not in msg
