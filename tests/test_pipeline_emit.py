@@ -204,6 +204,52 @@ def _auto_parallelize_cases(world: int) -> dict:
     return out
 
 
+class _SavedBytes:
+    """Bytes of activations autograd holds for backward (parameters excluded), and their peak."""
+
+    def __init__(self, params):
+        self.now = self.peak = 0
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(self, t):
+        if t.untyped_storage().data_ptr() in self.params:
+            return None, t
+        n = t.untyped_storage().nbytes()
+        self.now += n
+        self.peak = max(self.peak, self.now)
+        return _Release(self, n), t
+
+    @staticmethod
+    def unpack(held):
+        return held[1]
+
+
+class _Release:
+    def __init__(self, counter, n):
+        self.counter, self.n = counter, n
+
+    def __del__(self):
+        self.counter.now -= self.n
+
+
+def _activation_peaks() -> dict:
+    """Peak saved-activation bytes of this rank's stage under gpipe and 1f1b (4 stages, 8 microbatches)."""
+    import torch
+
+    from runtime.pipeline import PipelineRunner
+
+    out = {}
+    for schedule in ("gpipe", "1f1b"):
+        model, args, kwargs = _build("gpt-l4")
+        gm, folding = _capture(model, args, kwargs, BATCH // 8)
+        runner = PipelineRunner(split_stages(gm, _cuts(folding, (1, 1, 1, 1))), schedule, 8)
+        saved = _SavedBytes(gm.parameters())
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            runner.step(*args, **kwargs)
+        out[schedule] = saved.peak
+    return out
+
+
 def _all_cases(rank, world, cases):
     out, cache = {}, {}
     for case in cases:
@@ -213,6 +259,8 @@ def _all_cases(rank, world, cases):
             raise RuntimeError(f"case {_key(case)} failed on rank {rank}") from exc
     if world == 2:
         out["bad_input"] = _bad_inputs(rank, world)
+    else:
+        out["activation_peaks"] = _activation_peaks()
     out["auto"] = _auto_parallelize_cases(world)
     return out
 
@@ -392,3 +440,15 @@ def test_auto_parallelize_emits_the_planned_pipeline(world, schedule):
     model, _, _ = _build("gpt-tiny")
     names = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under either name
     assert held <= set(names) and {id(names[n]) for n in held} == {id(p) for p in model.parameters()}
+
+
+def test_measured_activation_memory_follows_the_schedule_model():
+    """GPipe holds all m microbatches' activations, 1F1B min(m, p - s) on stage s: the measured ratio
+    of peak saved activations per rank follows search.pipeline.inflight within 25%."""
+    from search.pipeline import inflight
+
+    for rank, r in enumerate(_results(4)):
+        peaks = r["activation_peaks"]
+        predicted = inflight("gpipe", 4, rank, 8) / inflight("1f1b", 4, rank, 8)
+        measured = peaks["gpipe"] / peaks["1f1b"]
+        assert measured == pytest.approx(predicted, rel=0.25), f"rank {rank}: {peaks}, predicted ratio {predicted}"
