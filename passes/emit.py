@@ -8,7 +8,6 @@ from passes.dp import apply_dp
 from passes.pipeline import split_stages
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
-from runtime.dp import GradSync
 from runtime.module import BatchSplit, DistributedModule
 from runtime.pipeline import PipelineModule, PipelineRunner
 from search.errors import BadInput
@@ -39,7 +38,8 @@ def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: 
                             group=mesh.group("pp"), all_pipelines=mesh.all_groups("pp"))
     module = PipelineModule(runner, plan, batch)
     if mesh.size("dp") > 1:
-        module.grad_sync, module.dp_group = GradSync(module.parameters(), mesh.group("dp")), mesh.group("dp")
+        module.grad_sync = apply_dp(module, mesh.group("dp"), plan.degrees["zero"])
+        module.dp_group = mesh.group("dp")
     return module
 
 

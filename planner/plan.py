@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from search.errors import BadInput
+from search.pipeline import SCHEDULES as PIPELINE_SCHEDULES
 
 MAX_BYTES = 50 * 1024 * 1024
 MAX_DEPTH = 20
 
-SCHEDULES = ("none", "gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "wave")
+SCHEDULES = ("none", *PIPELINE_SCHEDULES)
 TP_STYLES = ("colwise", "rowwise")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
@@ -480,6 +481,19 @@ def _tp_lines(tp: dict) -> dict[str, str]:
     return {k: ", ".join(sorted(v)) for k, v in out.items()}
 
 
+def _share_table(title: str, unit: str, parts: dict[str, float], total: float, fmt):
+    """A rich table of ``parts`` (label -> value) with each one's share of ``total``."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("part")
+    t.add_column(unit, justify="right")
+    t.add_column("share", justify="right")
+    for label, v in parts.items():
+        t.add_row(label, fmt(v), f"{v / total * 100:.1f} %" if total else "-")
+    return t
+
+
 def split_breakdown(bd: dict) -> tuple[dict[str, float], dict[str, float], list[tuple[str, Any]]]:
     """Breakdown -> (time parts in s, memory parts in bytes, other items), keyed by readable label.
 
@@ -764,12 +778,7 @@ class Plan:
 
         times, mems, other = split_breakdown(pr["breakdown"])
         step = pr["step_time_s"]
-        ct = Table(title="step time (predicted)", title_justify="left")
-        ct.add_column("part")
-        ct.add_column("time", justify="right")
-        ct.add_column("share", justify="right")
-        for label, v in times.items():
-            ct.add_row(label, f"{v * 1e3:.3f} ms", f"{v / step * 100:.1f} %" if step else "-")
+        ct = _share_table("step time (predicted)", "time", times, step, lambda v: f"{v * 1e3:.3f} ms")
         ct.add_row("bubble", f"{pr['bubble_fraction'] * step * 1e3:.3f} ms", f"{pr['bubble_fraction'] * 100:.1f} %")
         if d["recompute"] != "none" and not any("recompute" in k for k in times):
             r = d["recompute"]
@@ -778,12 +787,7 @@ class Plan:
         con.print(ct)
         if mems:
             peak = pr["peak_memory_bytes"]
-            mt = Table(title="memory per device (predicted)", title_justify="left")
-            mt.add_column("part")
-            mt.add_column("bytes", justify="right")
-            mt.add_column("share", justify="right")
-            for label, v in mems.items():
-                mt.add_row(label, _fmt_bytes(v), f"{v / peak * 100:.1f} %" if peak else "-")
+            mt = _share_table("memory per device (predicted)", "bytes", mems, peak, _fmt_bytes)
             mt.add_row("peak", _fmt_bytes(peak), "100 %", style="bold")
             con.print(mt)
         if other:

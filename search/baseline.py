@@ -1,11 +1,12 @@
-"""The dp × tp × ZeRO enumerator: every factorization priced on the captured graph, cheapest that fits wins.
+"""The degree loop: every pp × dp × tp factorization priced on the captured graph, cheapest that fits wins.
 
-It is the baseline planner and the oracle the ILP search is tested against. For each tensor-parallel
-degree the Megatron layout is derived from the graph (``search.placement``), so FLOPs, collective
+With the :func:`shard_all` selector (the full Megatron layout of ``search.space``) it is the baseline
+planner and the oracle the ILP selector (``search.strategy``) is tested against; FLOPs, collective
 bytes and activation memory come from the nodes that are really sharded, not from a formula.
 
-Choices per candidate: tp (inside a node), dp = devices / tp, ZeRO stage 0-3, microbatch size
-(gradient accumulation over the per-replica batch) and recompute (none / full).
+Choices per candidate: tp (inside a node), pp (only while nothing fits, ``search.pipeline``),
+dp = devices / (tp · pp), ZeRO stage 0-3, microbatch size (gradient accumulation over the
+per-replica batch), recompute (none / full) and, for pipelines, the schedule.
 Step time = compute + tensor-parallel all-reduces + data-parallel gradient traffic, with no overlap
 assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 """
@@ -18,18 +19,11 @@ from search import cost
 from search.cluster import Cluster, normalize_dtype
 from search.errors import BadInput, Infeasible
 from search.graph import ModelGraph
-from search.memory import model_state_bytes
-from search.fold import Folding
 from search.candidate import DTYPE_BYTES, Candidate, dp_sync, work_time
+from search.fold import Folding
+from search.memory import model_state_bytes
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
-from search.space import Space, TPStats, build_space
-
-
-
-def tp_stats(mg: ModelGraph, tp: int) -> TPStats:
-    """The full Megatron layout for ``tp``: every cone sharded."""
-    space = build_space(mg, tp)
-    return space.layout(space.all_sharded())
+from search.space import Space, build_space
 
 
 def _divisors(n: int) -> list[int]:
@@ -132,7 +126,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch,
                 if "recompute" in fix and fix["recompute"] != recompute:
                     continue
                 if pp == 1:
-                    price = partial(_price_layout, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
+                    price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit)
                     out.append(select(space, price, limit))
                     continue
@@ -173,15 +167,11 @@ def _graph_dtype(mg: ModelGraph) -> str:
     return "fp32" if not dtypes or "float32" in dtypes else normalize_dtype(dtypes[0])
 
 
-def _price_layout(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
-                  recompute: str, global_batch: int, graph_batch: int, limit: float, picks: dict[str, int]) -> Candidate:
-    return _price(space.layout(picks), cl, dtype, scale, dp, zero, micro, m, recompute, global_batch, graph_batch,
-                  limit)
-
-
-def _price(st: TPStats, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
-           recompute: str, global_batch: int, graph_batch: int, limit: float) -> Candidate:
-    """Price one candidate; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
+def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
+           recompute: str, global_batch: int, graph_batch: int, limit: float, picks: dict[str, int]) -> Candidate:
+    """Price the layout ``picks`` of ``space``; the graph was captured at ``graph_batch`` samples, the
+    step has ``global_batch``."""
+    st = space.layout(picks)
     c = Candidate(dp, st.tp, zero, micro, m, recompute, layout=st)
     mesh = (dp, st.tp)
     dp_spans = cost.group_spans_nodes(mesh, 0, cl.devices_per_node)

@@ -14,6 +14,7 @@ outside blocks), not O(depth). With ``no_fold`` every instance is its own templa
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from functools import cached_property, lru_cache, partial
 from typing import Callable
@@ -168,7 +169,7 @@ class _Crossing(Exception):
 def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     gm = mg.gm
     nodes = {n.name: n for n in gm.graph.nodes}
-    base = Work(params=sum(_numel(s) for s in mg.param_shapes.values()))
+    base = Work(params=sum(math.prod(s) for s in mg.param_shapes.values()))
     block_inputs = 0.0
     block_acts: dict[str, tuple[int, float]] = {}
     starts = set()
@@ -177,17 +178,12 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     for region in folding.regions:
         inputs = sum(_val_bytes(nodes[n]) for n in region.inputs)
         if region.template is None:
-            work = _params_work(mg, nodes, region.nodes)
-            for name in region.nodes:
-                work = work + _node_work(nodes[name], 1, False)
+            work = _region_work(mg, nodes, region.nodes, in_block=False)
             base = base + replace(work, params=0)
             starts.update(nodes[n] for n in region.nodes)
         elif region.instance == 0:
             k = len(folding.template(region.template).instances)
-            work = _params_work(mg, nodes, region.nodes)
-            for name in region.nodes:
-                work = work + _node_work(nodes[name], 1, True)
-            one[region.template] = work
+            work = one[region.template] = _region_work(mg, nodes, region.nodes, in_block=True)
             base = base + replace(work, params=0).scaled(k)
             first = nodes[region.nodes[0]]
             block_inputs += k * max((_val_bytes(a) for a in first.all_input_nodes if a.op != "get_attr"), default=0)
@@ -222,10 +218,14 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     return Space(tp, base, block_inputs, block_acts, choices, regions)
 
 
-def _params_work(mg: ModelGraph, nodes: dict, names) -> Work:
-    """The parameters the nodes ``names`` read (a tied weight counts in every region that reads it)."""
+def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool) -> Work:
+    """The replicated work of the nodes ``names`` and the parameters they read (a tied weight counts
+    in every region that reads it)."""
     fqns = {p for n in names for p in nodes[n].meta["autopar"].params}
-    return Work(params=sum(_numel(mg.param_shapes[p]) for p in fqns))
+    work = Work(params=sum(math.prod(mg.param_shapes[p]) for p in fqns))
+    for name in names:
+        work = work + _node_work(nodes[name], 1, in_block)
+    return work
 
 
 def _map_cone(cone: Cone, corr: dict[str, tuple[str, ...]] | None, gm, nodes: dict, j: int) -> Cone:
@@ -257,7 +257,7 @@ def _cone_delta(mg: ModelGraph, cone: Cone, tp: int, nodes: dict) -> Work:
     ar = tuple(sorted((s, sizes.count(s)) for s in set(sizes)))
     split = {weight_of(mg.gm, nodes[n]) for n in style}
     split |= {b.target for n, st in style.items() if st == "colwise" and (b := bias_of(nodes[n])) is not None}
-    shrink = sum(_numel(shape) - _numel(shape) // tp for fqn, shape in mg.param_shapes.items() if fqn in split)
+    shrink = sum(math.prod(shape) - math.prod(shape) // tp for fqn, shape in mg.param_shapes.items() if fqn in split)
     return replace(delta, params=-shrink, allreduces=ar)
 
 
@@ -292,10 +292,3 @@ def _val_bytes(node) -> float:
         return float(info.output_bytes)
     v = node.meta.get("val")
     return float(v.numel() * v.element_size()) if hasattr(v, "numel") else 0.0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
