@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from examples.bert import Bert, BertConfig
+from examples.dit import DiT, DiTConfig, example_inputs as dit_inputs
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
 from search.errors import BadInput
@@ -32,7 +33,7 @@ class ModelSpec:
     description: str
 
 
-_FAMILIES = {"gpt": GPT, "llama": Llama, "bert": Bert}
+_FAMILIES = {"gpt": GPT, "llama": Llama, "bert": Bert, "dit": DiT}
 
 
 def _gpt(name, desc, **kw) -> ModelSpec:
@@ -45,6 +46,10 @@ def _llama(name, desc, **kw) -> ModelSpec:
 
 def _bert(name, desc, **kw) -> ModelSpec:
     return ModelSpec(name, "bert", BertConfig(**kw), desc)
+
+
+def _dit(name, desc, **kw) -> ModelSpec:
+    return ModelSpec(name, "dit", DiTConfig(**kw), desc)
 
 
 _SPECS = [
@@ -61,6 +66,9 @@ _SPECS = [
     _llama("llama-tiny", "tiny Llama for tests", vocab=128, seq=32, hidden=64, layers=2, heads=4,
            kv_heads=2, ffn=128),
     _bert("bert-tiny", "tiny BERT for tests", vocab=128, seq=32, hidden=64, layers=2, heads=4),
+    _dit("dit-xl", "video DiT-XL/2, 16 frames x 1024 tokens, spatial/temporal blocks (448M)", frames=16,
+         tokens=1024, in_channels=16, hidden=1152, heads=16, depth=28),
+    _dit("dit-tiny", "tiny video DiT for tests", frames=8, tokens=16, in_channels=4, hidden=32, heads=4, depth=4),
 ]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
@@ -92,9 +100,14 @@ def build(name: str, *, batch: int = 2, seq: int | None = None, device: str | to
     seq = spec.config.seq if seq is None else int(seq)
     if seq < 1:
         raise BadInput(f"seq must be >= 1, got {seq}")
-    config = spec.config if seq <= spec.config.seq else dataclasses.replace(spec.config, seq=seq)
     device = torch.device(device)
     torch.manual_seed(seed)
+    if spec.family == "dit":  # latents [batch, T, N, C_in] and a denoising target; seq = frames T
+        config = dataclasses.replace(spec.config, frames=seq)
+        with device:
+            model = DiT(config)
+        return model, dit_inputs(config, batch, device, seed), {}
+    config = spec.config if seq <= spec.config.seq else dataclasses.replace(spec.config, seq=seq)
     with device:
         model = _FAMILIES[spec.family](config)
     vocab = config.vocab

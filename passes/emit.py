@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from passes.dp import apply_dp
 from passes.pipeline import split_stages
+from passes.sp import apply_sp
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
 from runtime.module import BatchSplit, DistributedModule
@@ -21,6 +22,9 @@ def check_emittable(plan) -> None:
         raise BadInput(f"the plan pipelines over pp={deg['pp']} with tp={deg['tp']}, zero={deg['zero']}: autopar "
                        "emits pipelines with data parallelism only (tp=1, zero=0) so far; re-plan with "
                        "--fix tp=1,zero=0 or --fix pp=1")
+    if deg["pp"] > 1 and deg["sp"] > 1:
+        raise BadInput(f"the plan pipelines over pp={deg['pp']} with sp={deg['sp']}: autopar emits sequence "
+                       "parallelism without pipelining so far; re-plan with --fix sp=1 or --fix pp=1")
     if plan.pipeline["microbatches"] != 1 and deg["pp"] == 1:
         raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
                        "but cannot emit yet; re-plan with --fix microbatches=1")
@@ -43,13 +47,53 @@ def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: 
     return module
 
 
+def plan_mesh(plan) -> Mesh:
+    """The process groups of ``plan`` (collective: every rank builds it): axes pp (if > 1), dp, the
+    sequence-parallel axis (``sp``, or ``spo`` × ``spi`` for the outer and inner rings of ring2d / the
+    ring and Ulysses groups of usp) and tp, outermost first."""
+    deg = plan.degrees
+    axes = {"pp": deg["pp"]} if deg["pp"] > 1 else {}
+    axes["dp"] = deg["dp"]
+    sp = plan.sequence_parallel
+    if sp and sp["variant"] in ("ring2d", "usp"):
+        axes.update(spo=sp["degree"] // sp["inner"], spi=sp["inner"])
+    elif sp:
+        axes["sp"] = sp["degree"]
+    axes["tp"] = deg["tp"]
+    return Mesh(axes)
+
+
+def batch_split(plan, mesh: Mesh, args: tuple, kwargs: dict) -> BatchSplit:
+    """How this rank takes its samples (and tokens) of every call's global batch."""
+    sp = plan.sequence_parallel
+    sequence = dict(sp=sp["degree"], sp_rank=_sp_rank(mesh), seq_len=plan.seq_len, layout=sp["layout"]) if sp else {}
+    return BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"), **sequence)
+
+
+def _sp_rank(mesh: Mesh) -> int:
+    if "sp" in mesh.names:
+        return mesh.local_rank("sp")
+    return mesh.local_rank("spo") * mesh.size("spi") + mesh.local_rank("spi")
+
+
 def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:
-    """Rewrite ``gm`` for this rank as ``plan`` says (:func:`check_emittable` first). ``gm`` was captured
-    on this rank's slice of the example inputs (``batch``); ``mesh`` is the plan's {"dp", "tp"} mesh."""
+    """Rewrite ``gm`` for this rank as ``plan`` says (:func:`check_emittable` first): tensor parallelism,
+    then sequence parallelism, then gradient averaging over the ranks that share parameters. ``gm`` was
+    captured on this rank's data-parallel slice of the example inputs (``batch.replica``); ``mesh`` is
+    :func:`plan_mesh`."""
     deg = plan.degrees
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]
     shards = propagate(gm, styles, tp).param_shards if tp > 1 else {}
     apply_tp(gm, styles, mesh.group("tp"), tp, mesh.local_rank("tp"))
-    sync = apply_dp(gm, mesh.group("dp"), deg["zero"])
-    return DistributedModule(gm, plan, mesh, sync, shards, batch)
+    replicas = ("dp",)
+    sp = plan.sequence_parallel
+    if sp:
+        two_d = "sp" not in mesh.names
+        apply_sp(gm, variant=sp["variant"], layout=sp["layout"], seq_len=plan.seq_len, sp=sp["degree"],
+                 rank=_sp_rank(mesh), group=mesh.group("spo" if two_d else "sp"),
+                 inner_group=mesh.group("spi") if two_d else None)
+        replicas = ("dp", "spo", "spi") if two_d else ("dp", "sp")
+    group = mesh.joint_group(replicas)
+    sync = apply_dp(gm, group, deg["zero"])
+    return DistributedModule(gm, plan, mesh, sync, shards, batch, group)

@@ -35,7 +35,7 @@ from search.errors import BadInput
 def split_stages(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
     """Split ``gm`` (forward returns a scalar loss) into ``len(cuts) + 1`` stages; each cut names the
     first node of a new stage, in graph order."""
-    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and not _is_guard(n)]
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
     position = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
     missing = [c for c in cuts if c not in by_name]
@@ -92,11 +92,6 @@ def _build_stage(gm, nodes, stage_of, free, s, inputs, outputs, roots) -> fx.Gra
     stage = fx.GraphModule(gm, g, class_name=f"Stage{s}")
     stage.in_spec = getattr(gm, "_in_spec", None)  # how (args, kwargs) flatten to the root placeholders
     return stage
-
-
-def _is_guard(n: fx.Node) -> bool:
-    """ep.module()'s input-shape guard: impure, so DCE would keep it, but no value depends on it."""
-    return n.op == "call_module" and n.target == "_guards_fn" and not n.users
 
 
 def _loss_node(gm: fx.GraphModule) -> fx.Node:

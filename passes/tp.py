@@ -55,6 +55,7 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
         src = nodes[name]
         with graph.inserting_after(src):
             copied = graph.call_module("tp_copy", (src,))
+        _same_meta(copied, src)
         for user in list(src.users):
             if user in colwise:
                 user.replace_input_with(src, copied)
@@ -62,6 +63,7 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
         node = nodes[name]
         with graph.inserting_after(node):
             reduced = graph.call_module("tp_reduce", (node,))
+        _same_meta(reduced, node)
         out = reduced
         bias = layout.bias_after_reduce.get(name)
         if bias is not None:
@@ -69,6 +71,7 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
                 b = graph.get_attr(bias)
             with graph.inserting_after(b):
                 out = graph.call_function(torch.ops.aten.add.Tensor, (reduced, b))
+            _same_meta(out, node)
             if node.target is torch.ops.aten.addmm.default:  # addmm(bias, x, w) -> mm(x, w), bias after
                 node.target = torch.ops.aten.mm.default
                 node.args = (node.args[1], node.args[2])
@@ -76,6 +79,13 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _same_meta(new: fx.Node, like: fx.Node) -> None:
+    """A node the rewrite adds keeps the (global) value metadata of the one it stands for, so later
+    passes read shapes off every node."""
+    if "val" in like.meta:
+        new.meta["val"] = like.meta["val"]
 
 
 def _is_styled(node, layout, style, gm) -> bool:

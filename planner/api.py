@@ -92,12 +92,12 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "global_batch": gb,
         "seq_len": mg.seq_len,
         "dtype": dtype,
-        "mesh": ({"shape": [win.pp, win.dp, win.tp], "axes": ["pp", "dp", "tp"]} if win.pp > 1 else
-                 {"shape": [win.dp, win.tp], "axes": ["dp", "tp"]}),
-        "degrees": {"dp": win.dp, "tp": win.tp, "pp": win.pp, "sp": 1, "zero": win.zero},
+        "mesh": _mesh(win),
+        "degrees": {"dp": win.dp, "tp": win.tp, "pp": win.pp, "sp": win.sp_degree, "zero": win.zero},
         "pipeline": {"schedule": win.schedule, "microbatches": win.microbatches,
                      "microbatch_size": win.microbatch_size, "stages": _stages(win, folding)},
         "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
+        "sequence_parallel": _sequence_parallel(win),
         "templates": [{"id": t.id, "hash": t.hash[:16], "instances": len(t.instances), "first": t.instances[0],
                        "nodes": t.num_nodes, "params": t.num_params} for t in folding.templates],
         "chunking": [],
@@ -152,6 +152,29 @@ def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
     }
 
 
+def _mesh(c: Candidate) -> dict:
+    """Axes outer to inner, tp innermost (fastest links), then sp; size-1 sp and pp axes left out."""
+    axes = {"pp": c.pp, "dp": c.dp, "sp": c.sp_degree, "tp": c.tp}
+    keep = [a for a in axes if a in ("dp", "tp") or axes[a] > 1]
+    return {"shape": [axes[a] for a in keep], "axes": keep}
+
+
+def _sequence_parallel(c: Candidate) -> dict:
+    """The attention variant and every variant priced for its degree (per step: × microbatches)."""
+    if c.sp is None:
+        return {}
+    m = c.microbatches
+
+    def entry(ch, exposed, sent):
+        return {"variant": ch.variant, "inner": ch.inner, "exposed_s_per_step": exposed * m,
+                "comm_bytes_per_step": int(sent * m)}
+
+    chosen = next(o for o in c.sp_options if o[0] == c.sp)
+    return {"variant": c.sp.variant, "degree": c.sp.degree, "inner": c.sp.inner, "layout": c.sp.layout,
+            "comm_bytes_per_step": int(chosen[2] * m), "exposed_s_per_step": chosen[1] * m,
+            "options": [entry(*o) for o in sorted(c.sp_options, key=lambda o: (o[1], o[2], o[0].variant, o[0].inner))]}
+
+
 def _stages(c: Candidate, folding) -> list[dict]:
     """Each pipeline stage (model chunk) in model order: its regions (blocks by scope), the pipeline
     rank that runs it, predicted time per microbatch and its rank's peak memory."""
@@ -169,13 +192,16 @@ def _stages(c: Candidate, folding) -> list[dict]:
 
 def _runners_up(cands: list[Candidate], win: Candidate) -> list[Candidate]:
     """Best candidate of each other (pp, dp, tp), then the leanest infeasible one if any."""
-    seen = {(win.pp, win.dp, win.tp)}
+    def mesh(c):
+        return c.pp, c.dp, c.sp_degree, c.tp
+
+    seen = {mesh(win)}
     out = []
     for c in cands:
-        if c.feasible and (c.pp, c.dp, c.tp) not in seen:
-            seen.add((c.pp, c.dp, c.tp))
+        if c.feasible and mesh(c) not in seen:
+            seen.add(mesh(c))
             out.append(c)
-    same = [c for c in cands if c.feasible and (c.pp, c.dp, c.tp) == (win.pp, win.dp, win.tp) and c is not win]
+    same = [c for c in cands if c.feasible and mesh(c) == mesh(win) and c is not win]
     out += same[:1]
     bad = [c for c in cands if not c.feasible]
     return (out + bad[:1])[:_RUNNERS_UP]
@@ -183,7 +209,8 @@ def _runners_up(cands: list[Candidate], win: Candidate) -> list[Candidate]:
 
 def _alternative(c: Candidate, win: Candidate) -> dict:
     return {
-        "degrees": {"dp": c.dp, "tp": c.tp, "pp": c.pp, "sp": 1},
+        "degrees": {"dp": c.dp, "tp": c.tp, "pp": c.pp, "sp": c.sp_degree},
+        "attention": c.sp.variant if c.sp is not None else "none",
         "schedule": c.schedule,
         "zero": c.zero,
         "microbatch_size": c.microbatch_size,
@@ -224,8 +251,8 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     pinned unless ``constraints`` ask for a pipeline, e.g. ``{"pp": 2, "dp": 1, "tp": 1, "microbatches": 4,
     "schedule": "1f1b"}``.
     """
-    from passes.emit import check_emittable, emit, emit_pipeline
-    from runtime.mesh import Mesh, init_distributed
+    from passes.emit import batch_split, check_emittable, emit, emit_pipeline, plan_mesh
+    from runtime.mesh import init_distributed
     from runtime.module import BatchSplit
 
     rank, world = init_distributed()
@@ -239,9 +266,8 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     check_emittable(plan)
     args, kwargs = split_inputs(example_inputs)
     deg = plan.degrees
-    mesh = Mesh({"pp": deg["pp"], "dp": deg["dp"], "tp": deg["tp"]} if deg["pp"] > 1 else
-                {"dp": deg["dp"], "tp": deg["tp"]})
-    batch = BatchSplit.from_example(args, kwargs, plan.global_batch, mesh.size("dp"), mesh.local_rank("dp"))
+    mesh = plan_mesh(plan)
+    batch = batch_split(plan, mesh, args, kwargs)
     if deg["pp"] > 1:  # capture one microbatch of this replica's slice; cut where the plan's stages start
         local_args, local_kwargs = batch(args, kwargs)
         first = BatchSplit.from_example(local_args, local_kwargs, plan.global_batch // deg["dp"],
@@ -250,7 +276,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         regions = fold_graph(mg).regions
         cuts = [regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
         return emit_pipeline(mg.gm, plan, cuts, mesh, batch)
-    mg = capture(model, *batch(args, kwargs), name=plan.model["name"])
+    mg = capture(model, *batch.replica(args, kwargs), name=plan.model["name"])
     return emit(mg.gm, plan, mesh, batch)
 
 

@@ -45,7 +45,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
         raise CaptureError(_explain_export_failure(model, exc)) from None
     if printed.getvalue():
         sys.stderr.write(printed.getvalue())
-    gm = ep.module()
+    gm = _without_guards(ep.module())
     params = dict(gm.named_parameters())
     param_shapes = {k: tuple(v.shape) for k, v in params.items()}
     param_dtypes = {k: _dtype_name(v.dtype) for k, v in params.items()}
@@ -54,6 +54,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
                     layers=_count_layers(param_shapes), batch_size=batch, seq_len=seq)
     annotate(gm)
     return mg
+
+
+def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop the export's input-shape guard: the graph describes the model at the captured shapes, and
+    the passes change them (a sequence-parallel rank sees a part of every sequence)."""
+    for guard in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
+        gm.graph.erase_node(guard)
+    gm.recompile()
+    return gm
 
 
 def annotate(gm: fx.GraphModule) -> None:

@@ -12,7 +12,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from planner.plan import FIX_KEYS, RECOMPUTE, SCHEDULES
+from planner.plan import FIX_CHOICE_KEYS, FIX_KEYS
 from search.errors import AutoparError, BadInput
 
 
@@ -45,8 +45,8 @@ def parse_fix(text: str) -> dict[str, int | str]:
             raise BadInput(f"--fix: unknown key {key!r} (known: {', '.join(FIX_KEYS)})")
         if key in out:
             raise BadInput(f"--fix: {key} given twice")
-        if key in ("schedule", "recompute"):
-            known = SCHEDULES if key == "schedule" else RECOMPUTE
+        if key in FIX_CHOICE_KEYS:
+            known = FIX_CHOICE_KEYS[key]
             if val not in known:
                 raise BadInput(f"--fix: unknown {key} {val!r} (known: {', '.join(known)})")
             out[key] = val

@@ -31,6 +31,7 @@ from typing import Any
 
 from search.errors import BadInput
 from search.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from search.seqpar import VARIANTS as SP_VARIANTS
 
 MAX_BYTES = 50 * 1024 * 1024
 MAX_DEPTH = 20
@@ -42,8 +43,8 @@ DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 TOP_KEYS = (
     "version", "case", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
-    "tensor_parallel", "templates", "chunking", "recompute", "predicted", "search", "alternatives",
-    "warnings",
+    "tensor_parallel", "sequence_parallel", "templates", "chunking", "recompute", "predicted", "search",
+    "alternatives", "warnings",
 )
 MODEL_KEYS = ("name", "params", "layers")
 CLUSTER_KEYS = ("name", "devices", "devices_per_node")
@@ -54,9 +55,13 @@ PREDICTED_KEYS = ("step_time_s", "peak_memory_bytes", "comm_bytes", "bubble_frac
                   "tflops_per_device", "mfu", "breakdown")
 SEARCH_KEYS = ("seconds", "folded", "unique_blocks", "ilp_variables", "solver_status", "candidates")
 TP_KEYS = ("style", "groups")
+SP_KEYS = ("variant", "degree", "inner", "layout", "comm_bytes_per_step", "exposed_s_per_step", "options")
+SP_OPTION_KEYS = ("variant", "inner", "exposed_s_per_step", "comm_bytes_per_step")
+SP_LAYOUTS = ("contiguous", "zigzag")
 CASE_KEYS = ("model", "cluster", "devices", "global_batch", "seq", "dtype", "memory_limit_gib", "fix")
 FIX_INT_KEYS = ("dp", "tp", "pp", "sp", "zero", "microbatches")
-FIX_KEYS = FIX_INT_KEYS + ("schedule", "recompute")
+FIX_CHOICE_KEYS = {"schedule": SCHEDULES, "recompute": RECOMPUTE, "attention": SP_VARIANTS}
+FIX_KEYS = FIX_INT_KEYS + tuple(FIX_CHOICE_KEYS)
 ALT_KEYS = ("degrees", "zero", "microbatch_size", "recompute", "step_time_s", "peak_memory_bytes",
             "feasible", "why")
 
@@ -70,6 +75,8 @@ _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
     ("pipeline",): PIPELINE_KEYS,
     ("predicted",): PREDICTED_KEYS,
     ("search",): SEARCH_KEYS,
+    ("sequence_parallel",): SP_KEYS,
+    ("sequence_parallel", "options", "[]"): SP_OPTION_KEYS,
 }
 
 GIB = 1024 ** 3
@@ -294,6 +301,8 @@ def _validate(d: Any) -> dict:
             V.str_(spec["style"], f"{f}.style", TP_STYLES)
             V.int_(spec["groups"], f"{f}.groups", 1)
 
+    _validate_sp(d, deg["sp"])
+
     for k in ("templates", "chunking"):
         if k not in d:
             V.fail(k, "missing")
@@ -362,6 +371,37 @@ def _validate(d: Any) -> dict:
     return d
 
 
+def _validate_sp(d: dict, degree: int) -> None:
+    """``sequence_parallel``: {} when sp = 1, else the attention variant and every variant priced."""
+    V = _V
+    sp = V.dict_(d, "sequence_parallel", "sequence_parallel", required=False)
+    if sp is None:
+        sp = d["sequence_parallel"] = {}
+    if not sp:
+        if degree != 1:
+            V.fail("sequence_parallel", f"missing for degrees.sp = {degree}")
+        return
+    V.keys(sp, SP_KEYS, "sequence_parallel")
+    V.str_(sp["variant"], "sequence_parallel.variant", SP_VARIANTS)
+    if V.int_(sp["degree"], "sequence_parallel.degree", 2) != degree:
+        V.fail("sequence_parallel.degree", f"{sp['degree']} != degrees.sp {degree}")
+    inner = V.int_(sp["inner"], "sequence_parallel.inner", 1)
+    if degree % inner:
+        V.fail("sequence_parallel.inner", f"{inner} does not divide the degree {degree}")
+    V.str_(sp["layout"], "sequence_parallel.layout", SP_LAYOUTS)
+    V.int_(sp["comm_bytes_per_step"], "sequence_parallel.comm_bytes_per_step", 0)
+    V.num(sp["exposed_s_per_step"], "sequence_parallel.exposed_s_per_step", 0)
+    for i, o in enumerate(V.list_(sp["options"], "sequence_parallel.options")):
+        f = f"sequence_parallel.options[{i}]"
+        if not isinstance(o, dict):
+            V.fail(f, f"expected an object, got {_type_name(o)}")
+        V.keys(o, SP_OPTION_KEYS, f)
+        V.str_(o["variant"], f"{f}.variant", SP_VARIANTS)
+        V.int_(o["inner"], f"{f}.inner", 1)
+        V.num(o["exposed_s_per_step"], f"{f}.exposed_s_per_step", 0)
+        V.int_(o["comm_bytes_per_step"], f"{f}.comm_bytes_per_step", 0)
+
+
 def _validate_case(c: Any) -> None:
     """The recorded inputs: every key present; optional numbers may be null (= the planner's default)."""
     V = _V
@@ -385,8 +425,8 @@ def _validate_case(c: Any) -> None:
     for k, v in fix.items():
         if k in FIX_INT_KEYS:
             V.int_(v, f"case.fix.{k}", 0 if k == "zero" else 1, 3 if k == "zero" else None)
-        elif k in ("schedule", "recompute"):
-            V.str_(v, f"case.fix.{k}", SCHEDULES if k == "schedule" else RECOMPUTE)
+        elif k in FIX_CHOICE_KEYS:
+            V.str_(v, f"case.fix.{k}", FIX_CHOICE_KEYS[k])
         else:
             V.fail(f"case.fix.{k}", f"unknown key (known: {', '.join(FIX_KEYS)})")
 
@@ -711,6 +751,7 @@ class Plan:
     degrees = property(lambda self: self._get("degrees"))
     pipeline = property(lambda self: self._get("pipeline"))
     tensor_parallel = property(lambda self: self._get("tensor_parallel"))
+    sequence_parallel = property(lambda self: self._get("sequence_parallel"))
     templates = property(lambda self: self._get("templates"))
     chunking = property(lambda self: self._get("chunking"))
     recompute = property(lambda self: self._get("recompute"))
@@ -743,6 +784,11 @@ class Plan:
         t.add_row("degrees", f"dp={g['dp']}  tp={g['tp']}  pp={g['pp']}  sp={g['sp']}  zero={g['zero']}")
         t.add_row("pipeline", f"schedule {p['schedule']}, {p['microbatches']} microbatches of "
                               f"{p['microbatch_size']}, {len(p['stages'])} stages")
+        if d["sequence_parallel"]:
+            sp = d["sequence_parallel"]
+            t.add_row("sequence", f"{_sp_name(sp['variant'], sp['inner'], sp['degree'])} attention over sp={sp['degree']} ({sp['layout']} tokens), "
+                                  f"{sp['exposed_s_per_step'] * 1e3:.3g} ms exposed, "
+                                  f"{sp['comm_bytes_per_step'] / GIB:.3g} GiB sent per step")
         r = d["recompute"]
         t.add_row("recompute", r if isinstance(r, str) else
                   ", ".join(f"{k}: {v}" for k, v in r.items()) or "none")
@@ -797,6 +843,20 @@ class Plan:
             for k, v in other:
                 bt.add_row(k, _fmt_value(k, v))
             con.print(bt)
+
+        if d["sequence_parallel"]:
+            sp = d["sequence_parallel"]
+            vt = Table(title=f"attention variants priced for sp={sp['degree']} (predicted)", title_justify="left",
+                       caption="ring traffic overlaps the blockwise attention compute; all-to-alls do not",
+                       caption_justify="left")
+            for col in ("variant", "exposed / step", "sent / step", ""):
+                vt.add_column(col, justify="left" if col in ("variant", "") else "right")
+            for o in sp["options"]:
+                chosen = o["variant"] == sp["variant"] and o["inner"] == sp["inner"]
+                vt.add_row(_sp_name(o["variant"], o["inner"], sp["degree"]),
+                           f"{o['exposed_s_per_step'] * 1e3:.3g} ms", _fmt_bytes(o["comm_bytes_per_step"]),
+                           "chosen" if chosen else "")
+            con.print(vt)
 
         rows = placements(d["tensor_parallel"], d["templates"])
         if rows:
@@ -915,6 +975,11 @@ class Plan:
         if rest:
             out.append(f"also changed: {', '.join(rest)}")
         return out
+
+
+def _sp_name(variant: str, inner: int, degree: int) -> str:
+    """"ring", "ring2d 2x4" (inner x outer ring), "usp 2x4" (ulysses x ring)."""
+    return f"{variant} {inner}x{degree // inner}" if variant in ("ring2d", "usp") else variant
 
 
 def _pct(x: float, y: float) -> str:

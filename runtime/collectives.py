@@ -9,6 +9,8 @@ Byte accounting (per call, n = bytes of the FULL buffer, p = group size):
     all_reduce                    2 (p-1) n / p
     all_gather, reduce_scatter      (p-1) n / p      (n = bytes of the gathered / unscattered tensor)
     send (p2p)                      n                 (recv counts nothing: the sender pays)
+    all_to_all                      (p-1) n / p      (n = bytes of the tensor this rank holds)
+    isend_irecv (p2p)               n per sent tensor (recvs count nothing)
 
 Integer math: each call adds ``(k * (p - 1) * n) // p`` with k = 2 or 1, i.e. the exact product is
 formed in integers and floored once per call (exact whenever p divides n, which holds for every
@@ -36,12 +38,14 @@ __all__ = [
     "reduce_scatter",
     "send",
     "recv",
+    "all_to_all",
+    "isend_irecv",
     "copy_to_group",
     "reduce_from_group",
     "all_reduce_mean_scalar",
 ]
 
-_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1, "all_to_all": 1}
 
 
 def algorithmic_bytes(kind: str, nbytes: int, p: int) -> int:
@@ -145,6 +149,33 @@ def recv(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
     """Point-to-point receive into `t` (src is a global rank). Not counted (the sender pays)."""
     dist.recv(t, src=src, group=group)
     return t
+
+
+def all_to_all(t: torch.Tensor, group=None, scatter_dim: int = 0, gather_dim: int = 0) -> torch.Tensor:
+    """Split `t` into p chunks along `scatter_dim`, send chunk j to group rank j, concatenate the received
+    chunks along `gather_dim` (rank order). Counted as (p-1)/p * bytes(t)."""
+    p = group_size(group)
+    if p == 1:
+        return t
+    if t.shape[scatter_dim] % p:
+        raise ValueError(f"all_to_all: dim {scatter_dim} of size {t.shape[scatter_dim]} is not divisible by {p}")
+    inp = torch.stack(t.chunk(p, dim=scatter_dim))
+    out = torch.empty_like(inp)
+    dist.all_to_all_single(out, inp, group=group)
+    comm_stats.add("all_to_all", algorithmic_bytes("all_to_all", _nbytes(t), p))
+    return torch.cat(out.unbind(0), dim=gather_dim)
+
+
+def isend_irecv(sends, recvs, group=None, tag: int = 0) -> list:
+    """Post point-to-point sends and receives as one batch (`dist.batch_isend_irecv`); returns the works
+    to wait on. `sends`/`recvs`: (contiguous tensor, peer rank within `group`) pairs; keep every tensor
+    alive until the works complete. Counted as bytes of each sent tensor (receives count nothing)."""
+    ops = [dist.P2POp(dist.isend, t, group=group, tag=tag, group_peer=peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, group=group, tag=tag, group_peer=peer) for t, peer in recvs]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    for t, _ in sends:
+        comm_stats.add("p2p", _nbytes(t))
+    return works
 
 
 class _CopyToGroup(torch.autograd.Function):

@@ -64,6 +64,7 @@ class Mesh:
         from torch.distributed.device_mesh import init_device_mesh
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self._joint: dict[tuple[str, ...], object] = {}
         self.device_mesh = init_device_mesh(
             device_type, tuple(self.axes.values()), mesh_dim_names=tuple(self.axes.keys())
         )
@@ -94,6 +95,25 @@ class Mesh:
         self._check(axis)
         moved = self.device_mesh.mesh.movedim(self.names.index(axis), -1)
         return moved.reshape(-1, self.axes[axis]).tolist()
+
+    def joint_group(self, axes: tuple[str, ...]):
+        """The ProcessGroup of this rank over several axes at once (e.g. ("dp", "sp"): the ranks that hold
+        the same parameters). Every rank creates every such group, in the same order (a collective)."""
+        for a in axes:
+            self._check(a)
+        if len(axes) == 1:
+            return self.group(axes[0])
+        key = tuple(axes)
+        if key not in self._joint:
+            keep = [self.names.index(a) for a in axes]
+            rest = [i for i in range(len(self.names)) if i not in keep]
+            grid = self.device_mesh.mesh.permute(*rest, *keep).reshape(-1, math.prod(self.axes[a] for a in axes))
+            me = dist.get_rank()
+            for ranks in grid.tolist():
+                g = dist.new_group(ranks)
+                if me in ranks:
+                    self._joint[key] = g
+        return self._joint[key]
 
     def local_rank(self, axis: str) -> int:
         """This rank's coordinate on `axis`."""

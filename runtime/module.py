@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.attention import shard_sequence
 from runtime.collectives import all_gather, all_reduce_mean_scalar
 from search.errors import BadInput
 
@@ -28,10 +29,16 @@ class BatchSplit:
     dp_rank: int
     args: tuple[int, ...]
     kwargs: tuple[str, ...]
+    sp: int = 1                  # sequence-parallel ranks: batched inputs with seq_len at dim 1 are dealt
+    sp_rank: int = 0             # out by ``runtime.attention.positions`` (layout)
+    seq_len: int = 0
+    layout: str = "contiguous"
 
     @classmethod
-    def from_example(cls, args: tuple, kwargs: dict, global_batch: int, dp: int, dp_rank: int) -> BatchSplit:
-        """Batched inputs are the example's tensors whose first dimension is ``global_batch``."""
+    def from_example(cls, args: tuple, kwargs: dict, global_batch: int, dp: int, dp_rank: int,
+                     **sequence) -> BatchSplit:
+        """Batched inputs are the example's tensors whose first dimension is ``global_batch``;
+        ``sequence`` (sp, sp_rank, seq_len, layout) shards their tokens too."""
         if global_batch % dp:
             raise BadInput(f"global batch {global_batch} does not split over dp={dp} data-parallel ranks; "
                            "re-plan, or use a global batch divisible by dp")
@@ -40,26 +47,34 @@ class BatchSplit:
             return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == global_batch
 
         split = cls(global_batch, dp, dp_rank, tuple(i for i, a in enumerate(args) if batched(a)),
-                    tuple(k for k, v in kwargs.items() if batched(v)))
+                    tuple(k for k, v in kwargs.items() if batched(v)), **sequence)
         if not split.args and not split.kwargs:
             raise BadInput(f"no example input has the plan's global batch {global_batch} as its first dimension; "
                            "pass example inputs holding the global batch the plan was made for")
         return split
 
     def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """This rank's data-parallel slice of the batched inputs of one call (others pass through)."""
+        """This rank's slice of the batched inputs of one call (others pass through): its data-parallel
+        samples and, under sequence parallelism, its tokens of them."""
+        return self._map(args, kwargs, self._take)
+
+    def replica(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The data-parallel slice only (whole sequences: what the graph is captured on)."""
+        return self._map(args, kwargs, self._samples)
+
+    def _map(self, args, kwargs, take) -> tuple[tuple, dict]:
         args, kwargs = list(args), dict(kwargs)
         for i in self.args:
             if i >= len(args):
                 raise BadInput(f"positional input {i} holds the batch in the example but is missing in this call")
-            args[i] = self._take(args[i], f"positional input {i}")
+            args[i] = take(args[i], f"positional input {i}")
         for k in self.kwargs:
             if k not in kwargs:
                 raise BadInput(f"keyword input {k!r} holds the batch in the example but is missing in this call")
-            kwargs[k] = self._take(kwargs[k], f"keyword input {k!r}")
+            kwargs[k] = take(kwargs[k], f"keyword input {k!r}")
         return tuple(args), kwargs
 
-    def _take(self, x, where: str):
+    def _samples(self, x, where: str):
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != self.global_batch:
             got = f"first dimension {x.shape[0]}" if isinstance(x, torch.Tensor) and x.dim() else type(x).__name__
             raise BadInput(f"{where} has {got}, but the plan was made for global batch {self.global_batch}; "
@@ -67,10 +82,19 @@ class BatchSplit:
         n = self.global_batch // self.dp
         return x.narrow(0, self.dp_rank * n, n)
 
+    def _take(self, x, where: str):
+        x = self._samples(x, where)
+        if self.sp == 1 or x.dim() < 2:
+            return x
+        if x.shape[1] != self.seq_len:
+            raise BadInput(f"{where} has sequence length {x.shape[1]}, but the plan was made for "
+                           f"{self.seq_len}; re-plan for this sequence length")
+        return shard_sequence(x, 1, self.sp, self.sp_rank, self.layout)
+
 
 class DistributedModule(torch.nn.Module):
     def __init__(self, gm: torch.fx.GraphModule, plan, mesh, grad_sync, param_shards: dict[str, tuple[int, int]],
-                 batch: BatchSplit):
+                 batch: BatchSplit, replica_group):
         super().__init__()
         self.gm = gm
         self.plan = plan
@@ -78,14 +102,15 @@ class DistributedModule(torch.nn.Module):
         self.grad_sync = grad_sync
         self.param_shards = dict(param_shards)
         self.batch = batch
-        self.dp = mesh.size("dp")
+        self.replicas = batch.dp * batch.sp   # ranks holding the same parameters: the loss is their mean
+        self.replica_group = replica_group
 
     def forward(self, *args, **kwargs):
         args, kwargs = self.batch(args, kwargs)
         out = self.gm(*args, **kwargs)
-        if self.dp == 1:
+        if self.replicas == 1:
             return out
-        group = self.mesh.group("dp")
+        group = self.replica_group
         if isinstance(out, torch.Tensor) and out.dim() == 0:
             return out + (all_reduce_mean_scalar(out, group) - out.detach())
         if getattr(out, "loss", None) is not None:

@@ -22,7 +22,10 @@ from search.graph import ModelGraph
 from search.candidate import DTYPE_BYTES, Candidate, dp_sync, work_time
 from search.fold import Folding
 from search.memory import model_state_bytes
+from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
+from search.seqpar import VARIANTS, SPChoice
+from search.seqshard import Unsupported, propagate_seq
 from search.space import Space, build_space
 
 
@@ -49,66 +52,101 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     microbatches accumulate, so pipelines use ZeRO 0 or 1 (as Megatron does)."""
     fix = dict(fix or {})
     dtype = normalize_dtype(dtype)
-    if fix.pop("sp", 1) != 1:
-        raise BadInput("--fix sp>1 is not supported yet: sequence parallelism is not planned yet")
-    unknown = set(fix) - {"dp", "tp", "pp", "zero", "microbatches", "microbatch_size", "recompute", "schedule"}
+    unknown = set(fix) - {"dp", "tp", "pp", "sp", "attention", "zero", "microbatches", "microbatch_size",
+                          "recompute", "schedule"}
     if unknown:
-        raise BadInput(f"unknown --fix keys {sorted(unknown)}; use dp, tp, pp, zero, microbatches, recompute, schedule")
+        raise BadInput(f"unknown --fix keys {sorted(unknown)}; use dp, tp, pp, sp, attention, zero, microbatches, "
+                       "recompute, schedule")
+    if "attention" in fix and fix["attention"] not in VARIANTS:
+        raise BadInput(f"unknown attention variant {fix['attention']!r}; known: {', '.join(VARIANTS)}")
     if "schedule" in fix and fix["schedule"] not in SCHEDULES + ("none",):
         raise BadInput(f"unknown schedule {fix['schedule']!r}; known: {', '.join(SCHEDULES)}")
     if fix.get("schedule", "none") != "none" and fix.get("pp") == 1:
         raise BadInput(f"--fix schedule={fix['schedule']} needs pp>1")
     devices = cluster.devices
     limit = memory_limit if memory_limit is not None else cluster.memory_bytes
-    for key in ("dp", "tp", "pp"):
+    for key in ("dp", "tp", "pp", "sp"):
         if key in fix and (isinstance(fix[key], bool) or not isinstance(fix[key], int) or fix[key] < 1
                            or devices % fix[key]):
             raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices; "
                            f"valid degrees: {_divisors(devices)}")
-    pinned = [fix[k] for k in ("dp", "tp", "pp") if k in fix]
+    pinned = [fix[k] for k in ("dp", "tp", "pp", "sp") if k in fix]
     product = 1
     for d in pinned:
         product *= d
-    if devices % product or (len(pinned) == 3 and product != devices):
-        got = " × ".join(f"{k}={fix[k]}" for k in ("pp", "dp", "tp") if k in fix)
+    if devices % product or (len(pinned) == 4 and product != devices):
+        got = " × ".join(f"{k}={fix[k]}" for k in ("pp", "dp", "sp", "tp") if k in fix)
         raise BadInput(f"{got} does not factor the cluster's {devices} devices")
     scale = DTYPE_BYTES[dtype] / DTYPE_BYTES[normalize_dtype(_graph_dtype(mg))]
     tps = [fix["tp"]] if "tp" in fix else [t for t in _divisors(devices) if t <= cluster.devices_per_node]
     pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
     pps = [fix["pp"]] if "pp" in fix else [p for p in _divisors(devices) if p > 1 or not pipelined]
+    sps = _sequence_degrees(mg, fix, devices, pipelined)
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
         for tp in tps:
-            if devices % (pp * tp) or tp > cluster.devices_per_node:
-                continue
-            dp = devices // tp // pp
-            if "dp" in fix and fix["dp"] != dp:
-                continue
-            if tp not in spaces:
-                spaces[tp] = build_space(mg, tp, folding)
-            space = spaces[tp]
-            if tp > 1 and not space.choices:
-                out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False, pp=pp,
-                                     reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)"))
-                continue
-            if pp > len(space.regions):
-                continue
-            if global_batch % dp:
-                out.append(Candidate(dp, tp, 0, 0, 0, "none", feasible=False, pp=pp,
-                                     reason=f"global batch {global_batch} does not split over dp={dp}"))
-                continue
-            out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch, limit, select)
+            for sp in sps if pp == 1 else [1]:
+                if devices % (pp * tp * sp) or tp > cluster.devices_per_node:
+                    continue
+                dp = devices // tp // pp // sp
+                if "dp" in fix and fix["dp"] != dp:
+                    continue
+                if tp not in spaces:
+                    spaces[tp] = build_space(mg, tp, folding)
+                space = spaces[tp]
+                bad = dict(feasible=False, pp=pp, sp=SPChoice(sp, "none") if sp > 1 else None)
+                if tp > 1 and not space.choices:
+                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad,
+                                         reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)"))
+                    continue
+                if pp > len(space.regions):
+                    continue
+                if global_batch % dp:
+                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad,
+                                         reason=f"global batch {global_batch} does not split over dp={dp}"))
+                    continue
+                if sp > 1:  # heads as captured; the layout's own (split by tp) are checked when priced
+                    ok, why = _sp_choices(sp, space.base.attention, mg.seq_len, fix.get("attention"))
+                    if not ok:
+                        out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why))
+                        continue
+                out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sp, global_batch, limit, select)
         if any(c.feasible for c in out):
             break
     if not out:
-        raise BadInput(f"no pp × dp × tp factorization of {devices} devices matches --fix {fix}")
-    out.sort(key=lambda c: (not c.feasible, c.step_time_s if c.feasible else 0.0, c.peak_memory, c.pp, c.tp,
-                            c.zero, -c.microbatch_size, c.recompute, c.schedule))
+        raise BadInput(f"no pp × dp × sp × tp factorization of {devices} devices matches --fix {fix}")
+    out.sort(key=lambda c: (not c.feasible, c.step_time_s if c.feasible else 0.0, c.peak_memory, c.pp,
+                            c.sp_degree, c.tp, c.zero, -c.microbatch_size, c.recompute, c.schedule))
     return out
 
 
-def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch, limit, select) -> list[Candidate]:
+def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) -> list[int]:
+    """The sequence-parallel degrees to price: every divisor of the devices when the graph can be
+    sharded on its sequence (``search.seqshard``), else 1 (a pinned sp > 1 then says why)."""
+    want = fix.get("sp")
+    if want == 1 or (pipelined and want is None):
+        return [1]
+    if pipelined:
+        raise BadInput("--fix sp>1 with a pipeline: autopar plans sequence parallelism without pipelining "
+                       "so far; use --fix pp=1 or sp=1")
+    try:
+        propagate_seq(mg.gm, seq_len=mg.seq_len, sp=2)
+    except Unsupported as exc:
+        if want is not None:
+            raise BadInput(f"--fix sp={want}: this model cannot be sharded on its sequence: {exc}") from None
+        return [1]
+    return [want] if want is not None else _divisors(devices)
+
+
+def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[list[SPChoice], str]:
+    """The attention variants for ``sp`` (only ``variant`` if pinned), or why there are none."""
+    ok, why = seqpar.choices(sp, [a for a, _ in attention], seq_len)
+    ok = [c for c in ok if variant in (None, c.variant)]
+    return ok, "; ".join(why) or f"sp={sp}: no {variant} attention for this model"
+
+
+def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sp, global_batch, limit, select) -> list[Candidate]:
     """Every (zero, microbatch size, recompute[, schedule]) of one mesh."""
     local = global_batch // dp
     out, cache = [], {}
@@ -127,7 +165,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, global_batch,
                     continue
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
-                                    global_batch, mg.batch_size, limit)
+                                    global_batch, mg.batch_size, limit, (sp, mg.seq_len, fix.get("attention")))
                     out.append(select(space, price, limit))
                     continue
                 key = ("regions", micro, recompute)
@@ -168,24 +206,37 @@ def _graph_dtype(mg: ModelGraph) -> str:
 
 
 def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
-           recompute: str, global_batch: int, graph_batch: int, limit: float, picks: dict[str, int]) -> Candidate:
-    """Price the layout ``picks`` of ``space``; the graph was captured at ``graph_batch`` samples, the
-    step has ``global_batch``."""
+           recompute: str, global_batch: int, graph_batch: int, limit: float, sequence: tuple[int, int, str | None],
+           picks: dict[str, int]) -> Candidate:
+    """Price the layout ``picks`` of ``space``, with the fastest attention variant for its heads when
+    ``sequence`` = (sp degree, sequence length, pinned variant or None) has sp > 1; the graph was
+    captured at ``graph_batch`` samples, the step has ``global_batch``."""
     st = space.layout(picks)
+    sp = sequence[0]
     c = Candidate(dp, st.tp, zero, micro, m, recompute, layout=st)
-    mesh = (dp, st.tp)
-    dp_spans = cost.group_spans_nodes(mesh, 0, cl.devices_per_node)
-    tp_spans = cost.group_spans_nodes(mesh, 1, cl.devices_per_node)
+    mesh = (dp, sp, st.tp)
+    dp_spans = cost.group_spans_nodes((dp * sp, st.tp), 0, cl.devices_per_node)
+    tp_spans = cost.group_spans_nodes(mesh, 2, cl.devices_per_node)
     full = recompute == "full"
     w = st.work
-    share = global_batch / graph_batch / dp  # this device's part of the captured batch's work
-    per_sample = scale / graph_batch * micro
+    share = global_batch / graph_batch / dp / sp  # this device's part of the captured batch's work
+    per_sample = scale / graph_batch * micro / sp
     compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, full)
-    dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp, zero, m, dp_spans)
+    # the gradients of sequence-parallel ranks sum like data-parallel ones (ZeRO shards over both)
+    dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
-    c.step_time_s = compute + tp_time + dp_time
     c.comm_bytes = tp_bytes + dp_bytes
-    states = model_state_bytes(w.params, dtype=dtype, zero_stage=zero, dp=dp)
+    if sp > 1:
+        sp_choices, why = _sp_choices(sp, w.attention, sequence[1], sequence[2])
+        c.sp_options = [(ch, *seqpar.comm(ch, w.attention, cl, scale=per_sample, flops_scale=micro / graph_batch / sp,
+                                          dtype=dtype, elem=DTYPE_BYTES[dtype], mesh_inner=st.tp))
+                        for ch in sp_choices]
+        c.sp, sp_time, sp_bytes = min(c.sp_options, key=lambda o: (o[1], o[2], -o[0].inner),
+                                      default=(SPChoice(sp, "none"), 0.0, 0.0))
+        c.breakdown["sp_attention"] = sp_time * m
+        c.comm_bytes += sp_bytes * m
+    c.step_time_s = sum(c.breakdown.values())
+    states = model_state_bytes(w.params, dtype=dtype, zero_stage=zero, dp=dp * sp)
     if recompute == "full":
         act = (st.block_inputs + st.act_max_block + w.act_outside) * per_sample
     else:
@@ -194,4 +245,6 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     if c.peak_memory > limit:
         c.feasible = False
         c.reason = f"needs {_gib(c.peak_memory)} GiB > {_gib(limit)} GiB per device"
+    if sp > 1 and not c.sp_options:  # the pinned variant does not suit this layout's heads
+        c.feasible, c.reason = False, why
     return c

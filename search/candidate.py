@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from search import cost
 from search.cluster import Cluster
+from search.seqpar import SPChoice
 from search.space import TPStats, Work
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -31,6 +32,12 @@ class Candidate:
     stages: list = field(default_factory=list)     # search.pipeline.Stage per pipeline stage
     bubble_s: float = 0.0
     solver: dict = field(default_factory=dict)     # how the layout was chosen: status, gap, variables
+    sp: SPChoice | None = None                     # sequence parallelism (None: sp = 1)
+    sp_options: list = field(default_factory=list)  # (SPChoice, exposed s, bytes) of every variant priced
+
+    @property
+    def sp_degree(self) -> int:
+        return self.sp.degree if self.sp is not None else 1
 
     @property
     def styles(self) -> dict[str, tuple[str, int]]:
@@ -42,7 +49,8 @@ class Candidate:
         return sum(self.memory.values())
 
     def key(self):
-        return (self.pp, self.dp, self.tp, self.zero, self.microbatch_size, self.recompute, self.schedule)
+        return (self.pp, self.dp, self.sp_degree, self.tp, self.zero, self.microbatch_size, self.recompute,
+                self.schedule)
 
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,

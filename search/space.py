@@ -22,6 +22,7 @@ from typing import Callable
 from search.fold import Folding, fold, no_fold
 from search.graph import ModelGraph
 from search.placement import Cone, bias_of, megatron_cones, module_of, op_name, weight_of
+from search.seqpar import Attn
 
 COMPUTE_BOUND = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "convolution"}
 NO_ACTIVATION = {"view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
@@ -43,13 +44,11 @@ class Work:
     act_bytes: float = 0.0          # saved activations
     act_outside: float = 0.0        # saved activations outside blocks
     allreduces: tuple[tuple[float, int], ...] = ()  # tp all-reduces: (logical bytes, how many), sorted
+    attention: tuple[tuple[Attn, int], ...] = ()    # attention calls: (shapes and FLOPs, how many)
 
     def __add__(self, o: "Work") -> "Work":
-        count = dict(self.allreduces)
-        for size, n in o.allreduces:
-            count[size] = count.get(size, 0) + n
         return Work(**{f: getattr(self, f) + getattr(o, f) for f in _ADDITIVE},
-                    allreduces=tuple(sorted((s, n) for s, n in count.items() if n)))
+                    **{f: _merge(getattr(self, f), getattr(o, f)) for f in _COUNTED})
 
     def __sub__(self, o: "Work") -> "Work":
         return self + o.scaled(-1)
@@ -57,10 +56,19 @@ class Work:
     def scaled(self, k: int) -> "Work":
         """``k`` copies (an instance count)."""
         return Work(**{f: k * getattr(self, f) for f in _ADDITIVE},
-                    allreduces=tuple((s, k * n) for s, n in self.allreduces if k))
+                    **{f: tuple((s, k * n) for s, n in getattr(self, f) if k) for f in _COUNTED})
 
 
-_ADDITIVE = tuple(f.name for f in fields(Work) if f.name != "allreduces")
+_COUNTED = ("allreduces", "attention")
+_ADDITIVE = tuple(f.name for f in fields(Work) if f.name not in _COUNTED)
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Multiset sum of (item, count) pairs, sorted, zero counts dropped."""
+    count = dict(a)
+    for item, n in b:
+        count[item] = count.get(item, 0) + n
+    return tuple(sorted((item, n) for item, n in count.items() if n))
 
 
 @dataclass
@@ -279,11 +287,22 @@ def _node_work(node, div: int, in_block: bool) -> Work:
     if in_block:
         w.block_fwd_flops = info.fwd_flops / div if compute_bound else 0.0
         w.block_fwd_bytes = moved
+    if op == "scaled_dot_product_attention":
+        w.attention = ((_attn(node, div), 1),)
     if info.bwd_flops and op not in NO_ACTIVATION:
         w.act_bytes = info.output_bytes / div
         if not in_block:
             w.act_outside = w.act_bytes
     return w
+
+
+def _attn(node, div: int) -> Attn:
+    """An attention call's shapes per rank when its heads are split ``div`` ways."""
+    info = node.meta["autopar"]
+    q, k, v = (a.meta["val"] for a in node.args[:3])
+    causal = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+    return Attn(q.numel() * q.element_size() / div, (k.numel() * k.element_size() + v.numel() * v.element_size()) / div,
+                q.shape[-3] // div, k.shape[-3] // div, info.fwd_flops / div, info.bwd_flops / div, causal)
 
 
 def _val_bytes(node) -> float:

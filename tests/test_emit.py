@@ -28,11 +28,15 @@ HF_GPT2 = "hf:gpt2:n_layer=2,n_embd=64,n_head=4,vocab_size=128,resid_pdrop=0,emb
 HF_LLAMA = ("hf:llama:num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
             "num_key_value_heads=4,vocab_size=128,attention_dropout=0")
 
-CASES_2 = [(m, c) for m in (*ZOO, HF_GPT2, HF_LLAMA) for c in ({"tp": 2}, {"dp": 2})]
+CASES_2 = [(m, c) for m in (*ZOO, HF_GPT2, HF_LLAMA) for c in ({"tp": 2}, {"dp": 2})] + [
+    ("gpt-tiny", {"sp": 2, "attention": "ring"}), ("bert-tiny", {"sp": 2, "attention": "ulysses"})]
 # "keep=mlp": the full Megatron plan with only the cones whose modules contain "mlp" (any subset of
 # cones is a layout the ILP may choose)
 CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, "bert-tiny", HF_GPT2)] + [("gpt-tiny", {"dp": 2, "tp": 2,
-                                                                                          "keep": "mlp"})]
+                                                                                          "keep": "mlp"})] + [
+    # sequence parallelism: Llama sp × tp, the 2-D rings and the hybrid, sp × dp
+    ("llama-tiny", {"sp": 2, "tp": 2, "attention": "ring"}), ("llama-tiny", {"sp": 4, "attention": "ring2d"}),
+    ("gpt-tiny", {"sp": 4, "attention": "usp"}), ("gpt-tiny", {"sp": 2, "dp": 2, "attention": "ulysses"})]
 
 
 def _build(spec: str):
@@ -75,7 +79,8 @@ def _check_case(spec: str, cons: dict) -> dict:
         dmodel = auto_parallelize(model, (args, kwargs), constraints=cons)
     t_par = time.perf_counter() - t0
     deg = dmodel.plan.degrees
-    res = {"degrees": {k: deg[k] for k in ("dp", "tp", "zero")}, "parallelize_s": round(t_par, 2)}
+    res = {"degrees": {k: deg[k] for k in ("dp", "tp", "sp", "zero")}, "parallelize_s": round(t_par, 2),
+           "attention": dmodel.plan.sequence_parallel.get("variant", "none")}
 
     loss = _loss(dmodel(*args, **kwargs))
     loss.backward()
@@ -263,6 +268,9 @@ def test_emit_matches_single_process(world, key):
         for k, v in cons.items():
             if k == "keep":
                 assert r["sharded"] and all(v in n for n in r["sharded"]), f"{where}: sharded {r['sharded']}"
+                continue
+            if k == "attention":
+                assert r["attention"] == v, f"{where}: plan attention {r['attention']}, asked for {v}"
                 continue
             assert r["degrees"][k] == int(v), f"{where}: plan degrees {r['degrees']} ignore constraints {cons}"
         assert not r["missing_names"], f"{where}: parameter names not in the original model: {r['missing_names']}"
