@@ -80,7 +80,8 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     scale = DTYPE_BYTES[dtype] / DTYPE_BYTES[normalize_dtype(_graph_dtype(mg))]
     tps = [fix["tp"]] if "tp" in fix else [t for t in _divisors(devices) if t <= cluster.devices_per_node]
     pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
-    pps = [fix["pp"]] if "pp" in fix else [p for p in _divisors(devices) if p > 1 or not pipelined]
+    pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
+        [p for p in _divisors(devices) if p > 1 or not pipelined]
     sps = _sequence_degrees(mg, fix, devices, pipelined)
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []

@@ -157,12 +157,6 @@ def test_unknown_model():
     assert "gpt-tinyy" in msg and "gpt-tiny" in msg
 
 
-def test_fix_sp_is_not_supported_yet():
-    with pytest.raises(BadInput) as ei:
-        make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, fix={"sp": 2})
-    assert "not supported yet" in str(ei.value)
-
-
 def test_tiny_memory_limit_is_infeasible_with_minimum_needed():
     with pytest.raises(Infeasible) as ei:
         make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=8, memory_limit_gib=1e-4)
