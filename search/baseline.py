@@ -12,7 +12,7 @@ assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 from search import cost
@@ -123,8 +123,9 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
 
 
 def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) -> list[int]:
-    """The sequence-parallel degrees to price: every divisor of the devices when the graph can be
-    sharded on its sequence (``search.seqshard``), else 1 (a pinned sp > 1 then says why)."""
+    """The sequence-parallel degrees to price: the divisors of the devices that leave every rank at
+    least ``seqpar.MIN_TOKENS`` tokens, when the graph can be sharded on its sequence
+    (``search.seqshard``), else 1 (a pinned sp is always priced, or says why it cannot be)."""
     want = fix.get("sp")
     if want == 1 or (pipelined and want is None):
         return [1]
@@ -137,7 +138,20 @@ def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) 
         if want is not None:
             raise BadInput(f"--fix sp={want}: this model cannot be sharded on its sequence: {exc}") from None
         return [1]
-    return [want] if want is not None else _divisors(devices)
+    if want is not None:
+        return [want]
+    return [d for d in _divisors(devices) if d == 1 or mg.seq_len // d >= seqpar.MIN_TOKENS]
+
+
+@lru_cache(maxsize=4096)
+def _sp_options(cl: Cluster, dtype: str, attention, sequence, per_sample: float, flops_scale: float,
+                tp: int) -> tuple[list, str]:
+    """Every attention variant for ``sequence`` = (sp, sequence length, pinned variant) priced as
+    (SPChoice, exposed s, bytes) per microbatch, or why there is none. Cached: layouts, ZeRO stages
+    and recompute choices of one mesh share it."""
+    ok, why = _sp_choices(sequence[0], attention, sequence[1], sequence[2])
+    return [(ch, *seqpar.comm(ch, attention, cl, scale=per_sample, flops_scale=flops_scale, dtype=dtype,
+                              elem=DTYPE_BYTES[dtype], mesh_inner=tp)) for ch in ok], why
 
 
 def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[list[SPChoice], str]:
@@ -228,10 +242,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.comm_bytes = tp_bytes + dp_bytes
     if sp > 1:
-        sp_choices, why = _sp_choices(sp, w.attention, sequence[1], sequence[2])
-        c.sp_options = [(ch, *seqpar.comm(ch, w.attention, cl, scale=per_sample, flops_scale=micro / graph_batch / sp,
-                                          dtype=dtype, elem=DTYPE_BYTES[dtype], mesh_inner=st.tp))
-                        for ch in sp_choices]
+        c.sp_options, why = _sp_options(cl, dtype, w.attention, sequence, per_sample, micro / graph_batch / sp, st.tp)
         c.sp, sp_time, sp_bytes = min(c.sp_options, key=lambda o: (o[1], o[2], -o[0].inner),
                                       default=(SPChoice(sp, "none"), 0.0, 0.0))
         c.breakdown["sp_attention"] = sp_time * m

@@ -29,6 +29,11 @@ from search import cost
 from search.cluster import Cluster
 
 VARIANTS = ("ulysses", "ring", "ring2d", "usp")
+# The search offers sequence parallelism only while every rank keeps at least this many tokens: a
+# ring hides its traffic only behind large enough blocks (DESIGN §4, c ≥ F/B) and smaller attention
+# kernels run below the modelled efficiency, which the cost model does not capture. ``--fix sp=``
+# prices any degree.
+MIN_TOKENS = 512
 
 
 @dataclass(frozen=True)
