@@ -20,6 +20,7 @@ import torch
 
 from examples.bert import Bert, BertConfig
 from examples.dit import DiT, DiTConfig, example_inputs as dit_inputs
+from examples.evoformer import Evoformer, EvoformerConfig, example_inputs as evoformer_inputs
 from examples.gpt import GPT, GPTConfig
 from examples.llama import Llama, LlamaConfig
 from search.errors import BadInput
@@ -33,7 +34,7 @@ class ModelSpec:
     description: str
 
 
-_FAMILIES = {"gpt": GPT, "llama": Llama, "bert": Bert, "dit": DiT}
+_FAMILIES = {"gpt": GPT, "llama": Llama, "bert": Bert, "dit": DiT, "evoformer": Evoformer}
 
 
 def _gpt(name, desc, **kw) -> ModelSpec:
@@ -50,6 +51,10 @@ def _bert(name, desc, **kw) -> ModelSpec:
 
 def _dit(name, desc, **kw) -> ModelSpec:
     return ModelSpec(name, "dit", DiTConfig(**kw), desc)
+
+
+def _evoformer(name, desc, **kw) -> ModelSpec:
+    return ModelSpec(name, "evoformer", EvoformerConfig(**kw), desc)
 
 
 _SPECS = [
@@ -69,6 +74,10 @@ _SPECS = [
     _dit("dit-xl", "video DiT-XL/2, 16 frames x 1024 tokens, spatial/temporal blocks (448M)", frames=16,
          tokens=1024, in_channels=16, hidden=1152, heads=16, depth=28),
     _dit("dit-tiny", "tiny video DiT for tests", frames=8, tokens=16, in_channels=4, hidden=32, heads=4, depth=4),
+    _evoformer("evoformer-af2", "AlphaFold-2-sized Evoformer pair stack: 384 residues, c_z 128, 48 blocks",
+               residues=384, in_channels=65, pair=128, heads=4, tri=128, blocks=48, bins=64),
+    _evoformer("evoformer-tiny", "tiny Evoformer pair stack for tests", residues=12, in_channels=8, pair=16,
+               heads=2, tri=16, blocks=2, bins=8),
 ]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
@@ -107,6 +116,11 @@ def build(name: str, *, batch: int = 2, seq: int | None = None, device: str | to
         with device:
             model = DiT(config)
         return model, dit_inputs(config, batch, device, seed), {}
+    if spec.family == "evoformer":  # pair features [batch, N, N, C_in] and distogram bins; seq = residues N
+        config = dataclasses.replace(spec.config, residues=seq)
+        with device:
+            model = Evoformer(config)
+        return model, evoformer_inputs(config, batch, device, seed), {}
     config = spec.config if seq <= spec.config.seq else dataclasses.replace(spec.config, seq=seq)
     with device:
         model = _FAMILIES[spec.family](config)

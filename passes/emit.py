@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from passes.dp import apply_dp
 from passes.pipeline import split_stages
+from passes.dsp import apply_dsp
 from passes.sp import apply_sp
 from passes.tp import apply_tp
 from runtime.mesh import Mesh
@@ -13,6 +14,7 @@ from runtime.module import BatchSplit, DistributedModule
 from runtime.pipeline import PipelineModule, PipelineRunner
 from search.errors import BadInput
 from search.placement import propagate
+from search.seqshard import Unsupported
 
 
 def check_emittable(plan) -> None:
@@ -90,9 +92,16 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> Distributed
     sp = plan.sequence_parallel
     if sp:
         two_d = "sp" not in mesh.names
-        apply_sp(gm, variant=sp["variant"], layout=sp["layout"], seq_len=plan.seq_len, sp=sp["degree"],
-                 rank=_sp_rank(mesh), group=mesh.group("spo" if two_d else "sp"),
-                 inner_group=mesh.group("spi") if two_d else None)
+        try:
+            if sp["variant"] == "dsp":
+                apply_dsp(gm, mesh.group("sp"), sp["degree"], _sp_rank(mesh))
+            else:
+                apply_sp(gm, variant=sp["variant"], layout=sp["layout"], seq_len=plan.seq_len, sp=sp["degree"],
+                         rank=_sp_rank(mesh), group=mesh.group("spo" if two_d else "sp"),
+                         inner_group=mesh.group("spi") if two_d else None)
+        except Unsupported as exc:
+            raise BadInput(f"the plan's sequence parallelism ({sp['variant']}, sp={sp['degree']}) does not fit "
+                           f"this model: {exc}; re-plan for it") from None
         replicas = ("dp", "spo", "spi") if two_d else ("dp", "sp")
     group = mesh.joint_group(replicas)
     sync = apply_dp(gm, group, deg["zero"])

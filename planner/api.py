@@ -27,6 +27,7 @@ from search.errors import AutoparError, BadInput
 from search.fold import fold as fold_graph
 from search.fold import no_fold
 from search.placement import propagate
+from search.seqpar import preference
 from search.strategy import ilp_select
 
 _RUNNERS_UP = 4
@@ -172,7 +173,7 @@ def _sequence_parallel(c: Candidate) -> dict:
     chosen = next(o for o in c.sp_options if o[0] == c.sp)
     return {"variant": c.sp.variant, "degree": c.sp.degree, "inner": c.sp.inner, "layout": c.sp.layout,
             "comm_bytes_per_step": int(chosen[2] * m), "exposed_s_per_step": chosen[1] * m,
-            "options": [entry(*o) for o in sorted(c.sp_options, key=lambda o: (o[1], o[2], o[0].variant, o[0].inner))]}
+            "options": [entry(*o) for o in sorted(c.sp_options, key=preference)]}
 
 
 def _stages(c: Candidate, folding) -> list[dict]:

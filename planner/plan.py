@@ -786,7 +786,9 @@ class Plan:
                               f"{p['microbatch_size']}, {len(p['stages'])} stages")
         if d["sequence_parallel"]:
             sp = d["sequence_parallel"]
-            t.add_row("sequence", f"{_sp_name(sp['variant'], sp['inner'], sp['degree'])} attention over sp={sp['degree']} ({sp['layout']} tokens), "
+            how = ("DSP: frames sharded, switched to spatial tokens around temporal blocks" if sp["variant"] == "dsp"
+                   else f"{_sp_name(sp['variant'], sp['inner'], sp['degree'])} attention, {sp['layout']} tokens")
+            t.add_row("sequence", f"sp={sp['degree']} ({how}), "
                                   f"{sp['exposed_s_per_step'] * 1e3:.3g} ms exposed, "
                                   f"{sp['comm_bytes_per_step'] / GIB:.3g} GiB sent per step")
         r = d["recompute"]

@@ -1,4 +1,5 @@
-"""Counted collectives and autograd-aware Megatron ops (copy_to_group / reduce_from_group).
+"""Counted collectives and autograd-aware Megatron ops (copy_to_group / reduce_from_group, and the
+sequence-parallel ones: reduce_scatter_to_sequence / gather_from_sequence / scatter_to_sequence).
 
 Every collective issued by autopar's runtime goes through this module so that `comm_stats` can report
 the bytes a rank sends, in the same units the cost model prices (DESIGN §4, ring algorithms), and a
@@ -42,6 +43,9 @@ __all__ = [
     "isend_irecv",
     "copy_to_group",
     "reduce_from_group",
+    "reduce_scatter_to_sequence",
+    "gather_from_sequence",
+    "scatter_to_sequence",
     "all_reduce_mean_scalar",
 ]
 
@@ -215,6 +219,80 @@ def reduce_from_group(x: torch.Tensor, group=None) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     return _ReduceFromGroup.apply(x, group)
+
+
+def _block(t: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """This rank's contiguous block of ``t`` along ``dim`` (its own compact storage)."""
+    p = group_size(group)
+    if t.shape[dim] % p:
+        raise ValueError(f"dim {dim} of size {t.shape[dim]} is not divisible by {p}")
+    n = t.shape[dim] // p
+    return t.narrow(dim, dist.get_rank(group) * n, n).clone(memory_format=torch.contiguous_format)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied if it is a view keeping a larger buffer alive (a saved activation would hold it all)."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _owned(reduce_scatter(x, group, dim))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad.contiguous(), ctx.group, ctx.dim), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim, reduce_grad):
+        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
+        return all_gather(x.contiguous(), group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.reduce_grad:
+            return reduce_scatter(grad, ctx.group, ctx.dim), None, None, None
+        return _block(grad, ctx.group, ctx.dim), None, None, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _block(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather(grad.contiguous(), ctx.group, ctx.dim), None, None
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+    """Megatron-SP after a rowwise linear: forward reduce-scatter SUM along the sequence ``dim`` (this
+    rank keeps its contiguous block), backward all-gather of the gradient. No-op on size 1."""
+    if group_size(group) == 1:
+        return x
+    return _ReduceScatterToSequence.apply(x, group, dim)
+
+
+def gather_from_sequence(x: torch.Tensor, group=None, dim: int = 1, reduce_grad: bool = True) -> torch.Tensor:
+    """Megatron-SP: forward all-gather of the sequence blocks along ``dim``. Backward: reduce-scatter
+    when the consumers' gradients are partial sums over the ranks (colwise linears, ``reduce_grad``),
+    else keep this rank's block (replicated consumers: every rank holds the full gradient). No-op on size 1."""
+    if group_size(group) == 1:
+        return x
+    return _GatherFromSequence.apply(x, group, dim, reduce_grad)
+
+
+def scatter_to_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+    """Megatron-SP entry of a replicated value: forward this rank's block along ``dim`` (no
+    communication), backward all-gather of the gradient. No-op on size 1."""
+    if group_size(group) == 1:
+        return x
+    return _ScatterToSequence.apply(x, group, dim)
 
 
 def all_reduce_mean_scalar(x, group=None) -> torch.Tensor:

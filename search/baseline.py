@@ -25,6 +25,7 @@ from search.memory import model_state_bytes
 from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
 from search.seqpar import VARIANTS, SPChoice
+from search.dsp import dsp_layout, dsp_traffic
 from search.seqshard import Unsupported, propagate_seq
 from search.space import Space, build_space
 
@@ -82,7 +83,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
     pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
         [p for p in _divisors(devices) if p > 1 or not pipelined]
-    sps = _sequence_degrees(mg, fix, devices, pipelined)
+    sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
@@ -107,12 +108,18 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
                     out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad,
                                          reason=f"global batch {global_batch} does not split over dp={dp}"))
                     continue
-                if sp > 1:  # heads as captured; the layout's own (split by tp) are checked when priced
+                sequence = (sp, mg.seq_len, fix.get("attention"), None)
+                if sp > 1 and dsp:
+                    why = _dsp_unusable(mg, sp, tp, fix.get("attention"))
+                    sequence = (sp, mg.seq_len, "dsp", None if why else dsp_traffic(dsp_layout(mg.gm, sp), sp))
+                elif sp > 1:  # heads as captured; the layout's own (split by tp) are checked when priced
                     ok, why = _sp_choices(sp, space.base.attention, mg.seq_len, fix.get("attention"))
-                    if not ok:
-                        out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why))
-                        continue
-                out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sp, global_batch, limit, select)
+                    why = "" if ok else why
+                if sp > 1 and why:
+                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why))
+                    continue
+                out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
+                                   select)
         if any(c.feasible for c in out):
             break
     if not out:
@@ -122,34 +129,56 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     return out
 
 
-def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) -> list[int]:
-    """The sequence-parallel degrees to price: the divisors of the devices that leave every rank at
-    least ``seqpar.MIN_TOKENS`` tokens, when the graph can be sharded on its sequence
-    (``search.seqshard``), else 1 (a pinned sp is always priced, or says why it cannot be)."""
+def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) -> tuple[list[int], bool]:
+    """The sequence-parallel degrees to price — the divisors of the devices that leave every rank at
+    least ``seqpar.MIN_TOKENS`` tokens (a pinned sp is always priced) — and whether the graph shards
+    by DSP (a spatial-temporal model, ``search.dsp``) instead of token sharding (``search.seqshard``).
+    [1] when it can do neither (a pinned sp > 1 then says why)."""
     want = fix.get("sp")
     if want == 1 or (pipelined and want is None):
-        return [1]
+        return [1], False
     if pipelined:
         raise BadInput("--fix sp>1 with a pipeline: autopar plans sequence parallelism without pipelining "
                        "so far; use --fix pp=1 or sp=1")
+    dsp, tokens = False, mg.seq_len
     try:
         propagate_seq(mg.gm, seq_len=mg.seq_len, sp=2)
     except Unsupported as exc:
-        if want is not None:
-            raise BadInput(f"--fix sp={want}: this model cannot be sharded on its sequence: {exc}") from None
-        return [1]
+        try:
+            one = dsp_layout(mg.gm, 1)
+        except Unsupported:
+            if want is not None:
+                raise BadInput(f"--fix sp={want}: this model cannot be sharded on its sequence: {exc}") from None
+            return [1], False
+        dsp, tokens = True, one.frames * one.tokens
     if want is not None:
-        return [want]
-    return [d for d in _divisors(devices) if d == 1 or mg.seq_len // d >= seqpar.MIN_TOKENS]
+        return [want], dsp
+    return [d for d in _divisors(devices) if d == 1 or tokens // d >= seqpar.MIN_TOKENS], dsp
+
+
+def _dsp_unusable(mg: ModelGraph, sp: int, tp: int, variant: str | None) -> str:
+    """Why DSP on ``sp`` ranks does not apply to this mesh ("" when it does)."""
+    if variant not in (None, "dsp"):
+        return f"attention={variant}: this spatial-temporal model shards by DSP (--fix attention=dsp)"
+    if tp > 1:
+        return f"DSP with tp={tp}: autopar composes DSP with dp only so far"
+    try:
+        dsp_layout(mg.gm, sp)
+    except Unsupported as exc:
+        return str(exc)
+    return ""
 
 
 @lru_cache(maxsize=4096)
 def _sp_options(cl: Cluster, dtype: str, attention, sequence, per_sample: float, flops_scale: float,
                 tp: int) -> tuple[list, str]:
-    """Every attention variant for ``sequence`` = (sp, sequence length, pinned variant) priced as
-    (SPChoice, exposed s, bytes) per microbatch, or why there is none. Cached: layouts, ZeRO stages
-    and recompute choices of one mesh share it."""
-    ok, why = _sp_choices(sequence[0], attention, sequence[1], sequence[2])
+    """Every attention variant for ``sequence`` = (sp, sequence length, pinned variant, DSP traffic of
+    the captured graph or None) priced as (SPChoice, exposed s, bytes) per microbatch, or why there is
+    none. Cached: layouts, ZeRO stages and recompute choices of one mesh share it."""
+    sp, _, variant, dsp = sequence
+    if variant == "dsp":
+        return [(SPChoice(sp, "dsp"), *seqpar.dsp_comm(dsp, sp, cl, scale=per_sample * sp, mesh_inner=tp))], ""
+    ok, why = _sp_choices(sp, attention, sequence[1], variant)
     return [(ch, *seqpar.comm(ch, attention, cl, scale=per_sample, flops_scale=flops_scale, dtype=dtype,
                               elem=DTYPE_BYTES[dtype], mesh_inner=tp)) for ch in ok], why
 
@@ -161,12 +190,13 @@ def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[
     return ok, "; ".join(why) or f"sp={sp}: no {variant} attention for this model"
 
 
-def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sp, global_batch, limit, select) -> list[Candidate]:
-    """Every (zero, microbatch size, recompute[, schedule]) of one mesh."""
+def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
+                select) -> list[Candidate]:
+    """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``)."""
     local = global_batch // dp
     out, cache = [], {}
     tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
-    zeros = (0,) if dp == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)
+    zeros = (0,) if dp * sequence[0] == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)  # ZeRO shards over dp × sp
     for zero in zeros:
         if "zero" in fix and fix["zero"] != zero:
             continue
@@ -180,7 +210,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sp, global_ba
                     continue
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
-                                    global_batch, mg.batch_size, limit, (sp, mg.seq_len, fix.get("attention")))
+                                    global_batch, mg.batch_size, limit, sequence)
                     out.append(select(space, price, limit))
                     continue
                 key = ("regions", micro, recompute)
@@ -221,11 +251,11 @@ def _graph_dtype(mg: ModelGraph) -> str:
 
 
 def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
-           recompute: str, global_batch: int, graph_batch: int, limit: float, sequence: tuple[int, int, str | None],
+           recompute: str, global_batch: int, graph_batch: int, limit: float, sequence: tuple,
            picks: dict[str, int]) -> Candidate:
     """Price the layout ``picks`` of ``space``, with the fastest attention variant for its heads when
-    ``sequence`` = (sp degree, sequence length, pinned variant or None) has sp > 1; the graph was
-    captured at ``graph_batch`` samples, the step has ``global_batch``."""
+    ``sequence`` = (sp degree, sequence length, pinned variant or None, DSP traffic or None) has
+    sp > 1; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
     st = space.layout(picks)
     sp = sequence[0]
     c = Candidate(dp, st.tp, zero, micro, m, recompute, layout=st)
@@ -243,8 +273,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     c.comm_bytes = tp_bytes + dp_bytes
     if sp > 1:
         c.sp_options, why = _sp_options(cl, dtype, w.attention, sequence, per_sample, micro / graph_batch / sp, st.tp)
-        c.sp, sp_time, sp_bytes = min(c.sp_options, key=lambda o: (o[1], o[2], -o[0].inner),
-                                      default=(SPChoice(sp, "none"), 0.0, 0.0))
+        c.sp, sp_time, sp_bytes = min(c.sp_options, key=seqpar.preference, default=(SPChoice(sp, "none"), 0.0, 0.0))
         c.breakdown["sp_attention"] = sp_time * m
         c.comm_bytes += sp_bytes * m
     c.step_time_s = sum(c.breakdown.values())

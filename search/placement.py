@@ -9,8 +9,16 @@ section is split separately. A linear is *colwise* (weight split on its output f
 ``Shard(-1)``) or *rowwise* (input sharded on features, weight split on input features, output
 all-reduced). Anything sharded that reaches an op with no rule makes the layout unsupported.
 
+With ``sequence=True`` (Megatron sequence parallelism, Korthikanti et al.) the token-wise regions
+between cones (residual adds, norms, dropout) hold this rank's contiguous 1/tp block of the sequence
+(dim 1 of [B, S, H]): rowwise outputs are reduce-scattered instead of all-reduced, colwise inputs
+all-gathered instead of copied, a replicated value is split where it first meets such a region and a
+sequence-split value is all-gathered before any other op (``seq_*`` fields of :class:`Layout`).
+
     >>> styles = choose_styles(mg.gm, tp=2)                        # doctest: +SKIP
     >>> layout = propagate(mg.gm, styles, tp=2)                    # doctest: +SKIP
+    >>> megatron_sp_nodes(mg.gm, styles, tp=2)                     # doctest: +SKIP
+    ['add_1', 'layer_norm_1', ...]
 """
 from __future__ import annotations
 
@@ -43,6 +51,12 @@ class Layout:
     reduce_after: list[str] = field(default_factory=list)  # rowwise linears (fwd all-reduce of the output)
     param_shards: dict[str, tuple[int, int]] = field(default_factory=dict)  # param FQN -> (dim, groups)
     bias_after_reduce: dict[str, str] = field(default_factory=dict)  # rowwise node -> bias param FQN
+    # sequence=True only (node names):
+    seq_dims: dict[str, int] = field(default_factory=dict)  # values holding 1/tp of the sequence -> its dim
+    gather_before: list[str] = field(default_factory=list)  # their colwise reads (fwd all-gather, bwd reduce-scatter)
+    seq_gather: list[str] = field(default_factory=list)  # their other reads (fwd all-gather, bwd keep own block)
+    seq_split: dict[str, int] = field(default_factory=dict)  # replicated -> dim split for 1/tp readers (bwd all-gather)
+    seq_grad_sum: list[str] = field(default_factory=list)  # replicated non-token inputs of 1/tp readers (bwd all-reduce)
 
 
 _POINTWISE = {
@@ -202,8 +216,9 @@ def _propagate_cone(gm, starts: list[fx.Node], styles, tp, index) -> tuple[list[
     return closers, placement
 
 
-def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -> Layout:
-    """Placement of every node under ``styles``; raises :class:`Unsupported` where it cannot stay local."""
+def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int, sequence: bool = False) -> Layout:
+    """Placement of every node under ``styles``; raises :class:`Unsupported` where it cannot stay local.
+    ``sequence=True`` adds Megatron sequence parallelism between the cones (module docstring)."""
     layout = Layout(tp=tp, styles=dict(styles))
     placement: dict[fx.Node, Shard | None] = {}
     copy_inputs: dict[str, None] = {}
@@ -239,7 +254,151 @@ def propagate(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -
             if bias is not None:
                 layout.bias_after_reduce[node.name] = bias.target
     layout.copy_before = list(copy_inputs)
+    if sequence and tp > 1:
+        _sequence_layout(gm, layout)
     return layout
+
+
+def megatron_sp_nodes(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp: int) -> list[str]:
+    """Nodes that run on 1/tp of the sequence under Megatron sequence parallelism (their activations
+    and memory-bound work shrink by tp), in graph order. Rowwise linears are not listed: they belong
+    to their cones (already split tp ways); only their reduced output is sequence-split."""
+    layout = propagate(gm, styles, tp, sequence=True)
+    return [n for n in layout.seq_dims if n not in layout.reduce_after]
+
+
+_NORMS = {"layer_norm", "native_layer_norm", "rms_norm"}
+_REDUCTIONS = {"mean", "sum", "amax"}
+_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+
+
+def _sequence_layout(gm: fx.GraphModule, layout: Layout) -> None:
+    """Fill the ``seq_*`` fields: grow the sequence-split regions from the rowwise outputs through
+    token-wise ops, then name the boundaries and the collectives they need."""
+    seq, split = _sequence_regions(gm, layout)
+    names = {n.name for n in seq}
+    layout.seq_dims = {n.name: d for n, d in seq.items()}
+    layout.seq_split = {n.name: d for n, d in split.items()}
+    layout.gather_before = [x for x in layout.copy_before if x in names]
+    layout.copy_before = [x for x in layout.copy_before if x not in names]
+    grad_sum: dict[str, None] = {}
+    for node in seq:
+        if node.name not in layout.reduce_after:
+            _, operands = _token_dims(node, seq, split)
+            grad_sum.update((a.name, None) for a, d in operands.items() if d is None and a not in seq)
+        readers = [u for u in node.users if u not in seq and not _is_colwise_read(gm, u, node, layout)]
+        asserts = [u for u in readers if u.op == "call_function" and op_name(u) == "_assert_tensor_metadata"]
+        layout.local_args.update((u.name, ("drop",)) for u in asserts)
+        if len(readers) > len(asserts):
+            layout.seq_gather.append(node.name)
+    layout.seq_grad_sum = list(grad_sum)
+
+
+def _is_colwise_read(gm, user: fx.Node, value: fx.Node, layout: Layout) -> bool:
+    w = weight_of(gm, user)
+    return (w is not None and layout.styles.get(module_of(w), ("",))[0] == "colwise"
+            and _linear_input(user) is value)
+
+
+def _sequence_regions(gm: fx.GraphModule, layout: Layout) -> tuple[dict[fx.Node, int], dict[fx.Node, int]]:
+    """(values split on the sequence -> dim, replicated values split where such values read them -> dim).
+
+    Sources are the rowwise outputs (after their reduce-scatter). A token-wise op joins when it reads
+    a sequence-split value or a replicated value already split for another reader (so the first norm
+    after the embedding is split too); repeat until nothing joins."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
+    seq = {by_name[name]: _source_dim(by_name[name], layout.tp) for name in layout.reduce_after}
+    split: dict[fx.Node, int] = {}
+    grown = True
+    while grown:
+        grown = False
+        for node in nodes:
+            if node in seq or not _replicated_op(node, layout):
+                continue
+            token = _token_dims(node, seq, split)
+            if token is None:
+                continue
+            seq[node], operands = token
+            split.pop(node, None)
+            split.update((a, d) for a, d in operands.items() if d is not None and a not in seq)
+            grown = True
+    for node in seq:  # a later split may contradict an earlier decision
+        if node.name not in layout.reduce_after and _token_dims(node, seq, split) is None:
+            raise Unsupported(f"{node.name}: reads the sequence split on different dims")
+    return dict(sorted(seq.items(), key=lambda kv: index[kv[0]])), split
+
+
+def _source_dim(node: fx.Node, tp: int) -> int:
+    shape = _shape(node)
+    if shape is None or len(shape) < 3:
+        raise Unsupported(f"sequence parallelism needs [batch, seq, hidden] outputs of the rowwise linear "
+                          f"{node.name}; it gives {shape}")
+    if shape[1] % tp:
+        raise Unsupported(f"sequence parallelism splits the sequence (dim 1 of {node.name}, length {shape[1]}) "
+                          f"into tp={tp} blocks: {shape[1]} is not divisible by {tp}")
+    return 1
+
+
+def _replicated_op(node: fx.Node, layout: Layout) -> bool:
+    """A call that is replicated under plain tp and reads only replicated values (not a cone op)."""
+    return (node.op == "call_function" and node.name not in layout.reduce_after
+            and layout.placement.get(node.name) is None
+            and all(layout.placement.get(a.name) is None for a in node.all_input_nodes))
+
+
+def _token_dims(node: fx.Node, seq, split) -> tuple[int, dict[fx.Node, int | None]] | None:
+    """(sequence dim of the output, sequence dim of each tensor operand or None where the operand
+    does not span tokens) when ``node`` is token-wise and reads a value split on the sequence (or
+    one already split for another reader), consistently with ``seq`` and ``split``; else None."""
+    op = op_name(node)
+    held = {**split, **seq}
+    x = node.args[0] if node.args else None
+    if op == "getitem":
+        return (seq[x], {}) if x in seq else None
+    if op in _POINTWISE:
+        out_rank = len(_shape(node) or _shape(x) or ())
+        dims = {held[a] + out_rank - len(_shape(a)) for a in node.all_input_nodes if a in held}
+        if len(dims) != 1:
+            return None
+        d = dims.pop()
+        operands = {a: _aligned(a, d, out_rank) for a in node.all_input_nodes}
+    elif op in _NORMS | _REDUCTIONS | _SOFTMAX and isinstance(x, fx.Node) and x in held:
+        d = held[x]
+        operands = {a: None for a in node.all_input_nodes}
+        operands[x] = d
+        d = _token_reduction(node, op, d, len(_shape(x)))
+        if d is None:
+            return None
+    else:
+        return None
+    if any(a in held and held[a] != ad for a, ad in operands.items()):
+        return None
+    return d, operands
+
+
+def _aligned(a: fx.Node, d: int, out_rank: int) -> int | None:
+    """Dim of broadcast operand ``a`` that lines up with output dim ``d`` (None if absent or size 1)."""
+    shape = _shape(a)
+    if shape is None:
+        return None
+    ad = d - (out_rank - len(shape))
+    return ad if ad >= 0 and shape[ad] != 1 else None
+
+
+def _token_reduction(node: fx.Node, op: str, d: int, rank: int) -> int | None:
+    """Output sequence dim of a norm / reduction / softmax whose input is split on ``d``, or None when it
+    reduces over ``d``."""
+    if op in _NORMS:
+        return d if d < rank - len(node.args[1]) else None
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    dims = [e % rank for e in dims]
+    if not dims or d in dims:
+        return None
+    keep = op in _SOFTMAX or (len(node.args) > 2 and node.args[2]) or node.kwargs.get("keepdim", False)
+    return d if keep else d - sum(1 for e in dims if e < d)
 
 
 def _check_private_params(gm: fx.GraphModule, node: fx.Node) -> None:

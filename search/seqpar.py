@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from search import cost
 from search.cluster import Cluster
 
-VARIANTS = ("ulysses", "ring", "ring2d", "usp")
+VARIANTS = ("ulysses", "ring", "ring2d", "usp", "dsp")  # dsp: spatial-temporal models (search.dsp)
 # The search offers sequence parallelism only while every rank keeps at least this many tokens: a
 # ring hides its traffic only behind large enough blocks (DESIGN §4, c ≥ F/B) and smaller attention
 # kernels run below the modelled efficiency, which the cost model does not capture. ``--fix sp=``
@@ -105,6 +105,14 @@ def choices(degree: int, attn: list[Attn], seq_len: int) -> tuple[list[SPChoice]
         if not ulysses_ok(inner):
             ok.append(SPChoice(degree, "usp", inner, ring_layout))
     return ok, why
+
+
+def preference(option: tuple) -> tuple:
+    """Sort key of priced options (SPChoice, exposed s, bytes): fastest, fewest bytes, then the
+    simplest variant (in ``VARIANTS`` order: a flat ring before a 2-D one), then the larger inner
+    group (fewer hops on the slow links)."""
+    ch, exposed, sent = option
+    return exposed, sent, VARIANTS.index(ch.variant), -ch.inner
 
 
 @dataclass(frozen=True)
@@ -193,3 +201,12 @@ def _exposed(tr: Traffic, compute: tuple[float, float], cl: Cluster, stride: int
         t_out = cost.collective_time("p2p", b / hops, 2, cl, spans_nodes=spans(inner * outer))
         out += max(0.0, outer * (inner - 1) * t_in + (outer - 1) * t_out - comp)
     return out
+
+
+def dsp_comm(traffic: tuple[float, float], degree: int, cl: Cluster, *, scale: float, mesh_inner: int) -> tuple[float, float]:
+    """(exposed seconds, bytes one rank sends) of DSP's switches (``search.dsp.dsp_traffic`` of the
+    captured graph: forward, backward) for one microbatch, ``scale`` × the captured bytes. Every
+    switch is an all-to-all, exposed."""
+    sent = (traffic[0] + traffic[1]) * scale
+    spans = degree * mesh_inner > cl.devices_per_node
+    return cost.collective_time("all_to_all", sent * degree / (degree - 1), degree, cl, spans_nodes=spans), sent

@@ -29,14 +29,16 @@ HF_LLAMA = ("hf:llama:num_hidden_layers=2,hidden_size=64,intermediate_size=128,n
             "num_key_value_heads=4,vocab_size=128,attention_dropout=0")
 
 CASES_2 = [(m, c) for m in (*ZOO, HF_GPT2, HF_LLAMA) for c in ({"tp": 2}, {"dp": 2})] + [
-    ("gpt-tiny", {"sp": 2, "attention": "ring"}), ("bert-tiny", {"sp": 2, "attention": "ulysses"})]
+    ("gpt-tiny", {"sp": 2, "attention": "ring"}), ("bert-tiny", {"sp": 2, "attention": "ulysses"}),
+    ("dit-tiny", {"sp": 2, "attention": "dsp"})]
 # "keep=mlp": the full Megatron plan with only the cones whose modules contain "mlp" (any subset of
 # cones is a layout the ILP may choose)
 CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, "bert-tiny", HF_GPT2)] + [("gpt-tiny", {"dp": 2, "tp": 2,
                                                                                           "keep": "mlp"})] + [
     # sequence parallelism: Llama sp × tp, the 2-D rings and the hybrid, sp × dp
     ("llama-tiny", {"sp": 2, "tp": 2, "attention": "ring"}), ("llama-tiny", {"sp": 4, "attention": "ring2d"}),
-    ("gpt-tiny", {"sp": 4, "attention": "usp"}), ("gpt-tiny", {"sp": 2, "dp": 2, "attention": "ulysses"})]
+    ("gpt-tiny", {"sp": 4, "attention": "usp"}), ("gpt-tiny", {"sp": 2, "dp": 2, "attention": "ulysses"}),
+    ("dit-tiny", {"sp": 2, "dp": 2, "attention": "dsp"})]
 
 
 def _build(spec: str):

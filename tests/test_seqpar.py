@@ -161,3 +161,23 @@ def test_plan_json_sequence_parallel_is_validated():
     bad = dict(d, sequence_parallel=dict(d["sequence_parallel"], inner=3))
     with pytest.raises(BadInput, match="sequence_parallel.inner"):
         Plan.from_dict(bad)
+
+
+# ------------------------------------------------------------ DSP for spatial-temporal models
+
+def test_dit_plans_dsp_with_the_switch_traffic_of_search_dsp():
+    from search.dsp import dsp_layout, dsp_traffic
+
+    plan = make_plan_from_spec("dit-tiny", cluster="a100-80g", devices=8, dtype="fp32", fix={"sp": 4, "dp": 2})
+    sp = plan.sequence_parallel
+    assert (sp["variant"], sp["degree"], sp["layout"]) == ("dsp", 4, "contiguous")
+    mg = _graph("dit-tiny", batch=plan.global_batch)
+    fwd, bwd = dsp_traffic(dsp_layout(mg.gm, 4), 4)  # the captured (global) batch; a rank has 1/dp of it
+    assert sp["comm_bytes_per_step"] == (fwd + bwd) // plan.degrees["dp"]
+
+
+def test_dit_refuses_token_attention_variants_with_reason():
+    from search.errors import Infeasible
+
+    with pytest.raises((BadInput, Infeasible), match="shards by DSP"):
+        make_plan_from_spec("dit-tiny", cluster="a100-80g", devices=8, fix={"sp": 4, "attention": "ring"})

@@ -47,7 +47,7 @@ def test_list_models_sorted_and_complete():
     assert names == sorted(names)
     for want in ["gpt2-small", "gpt2-xl", "gpt3-6.7b", "gpt3-175b", "llama2-7b", "llama2-70b", "bert-large", *TINY]:
         assert want in names
-    assert {m.family for m in list_models()} == {"gpt", "llama", "bert", "dit"}
+    assert {m.family for m in list_models()} == {"gpt", "llama", "bert", "dit", "evoformer"}
 
 
 def test_build_unknown_name_lists_valid():
