@@ -2,22 +2,16 @@
 
     >>> from examples.zoo import build
     >>> from planner.capture import capture
+    >>> from search.chunkflow import scope_region
     >>> model, args, _ = build("gpt-tiny", batch=2, device="cpu")
     >>> gm = capture(model, args).gm
     >>> mlp = scope_region(gm, "blocks.0.mlp")                    # fc -> gelu -> proj
-    >>> chunk_flow(gm, mlp, dim=1).output_dims                   # the sequence dim flows through
-    {'linear_3': 1}
     >>> loss = apply_chunk(gm, mlp, dim=1, chunks=3)(*args)      # same loss, a third of the MLP alive
 
-A region is a list of call_function node names (any order); ``dim`` is a dimension of the *anchor*, the
-first tensor argument of the region's first node in graph order. :func:`chunk_flow` follows that axis
-through the region with one rule per op (views, pointwise ops with broadcasting, linear, matmul, einsum,
-norms, softmax, attention, embedding, cat/split, sum/mean/cross-entropy/MSE), forwards from inputs and
-backwards from outputs, so the inputs a chunk needs sliced (RoPE tables, targets) are found too. Region
-nodes that do not depend on the axis run once, before the loop (the k/v path of query-chunked attention);
-the others run per chunk. An op that contracts, normalises over or otherwise mixes the axis raises
-:class:`ChunkError` naming the node, except a sum or mean (sum, mean, cross-entropy, MSE) whose result
-leaves the region: each chunk then yields a partial sum and a count, and the result is sum / count.
+The analysis (which nodes run per chunk, which inputs are sliced along which dim, how outputs combine)
+is :func:`search.chunkflow.chunk_flow`; this pass applies exactly what it verified. :func:`apply_chunking`
+applies a plan's ``chunking`` entries ({kind, scope, dim, chunks}, from ``search.chunking``) to a per-rank
+graph, finding each region again by module scope.
 
 Execution (:class:`ChunkedRegion`): the per-chunk nodes become a body GraphModule called once per chunk
 under non-reentrant ``torch.utils.checkpoint``. The forward keeps only each chunk's inputs (views of
@@ -32,9 +26,6 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
-from operator import attrgetter
-from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -42,380 +33,14 @@ import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 from torch.utils.checkpoint import checkpoint
 
+from search.chunkflow import (MEAN_OPS, ChunkDim, ChunkError, ChunkFlow, _op, _show, causal_queries, chunk_flow,
+                              reduction_kind)
+from search.chunking import KINDS, find_regions, matching_scopes
 from search.errors import BadInput
 
+__all__ = ["apply_chunk", "apply_chunking", "ChunkedRegion", "causal_query_chunk_attention"]
+
 aten = torch.ops.aten
-
-
-class ChunkError(BadInput):
-    """The region cannot be chunked along the requested dim; the message names the node and why."""
-
-
-class ChunkDim(NamedTuple):
-    """Where a tensor carries the chunked axis (length S): dim ``pos``, of size outer * S * inner (a view
-    may have merged the axis with its neighbours). ``reduced``: the node sums over the axis, and ``pos``
-    is the axis's dim in its unreduced result."""
-
-    pos: int
-    outer: int = 1
-    inner: int = 1
-    reduced: bool = False
-
-
-class _Rule(NamedTuple):
-    """How one op indexes its inputs: for each dim o of its (unreduced) result, the dim of every tensor
-    input that o walks along; inputs missing from an entry are broadcast or not indexed by o, dims missing
-    from ``dims`` mix several input positions. ``reduced``: dims a sum/mean removes; ``kept``: the dims
-    left in the actual result (None: all of them)."""
-
-    dims: dict[int, dict[fx.Node, int]]
-    reduced: frozenset = frozenset()
-    kept: tuple | None = None
-
-
-@dataclass
-class ChunkFlow:
-    """How the chunked axis (length ``size``) flows through a region."""
-
-    size: int
-    dims: dict[fx.Node, ChunkDim]  # per-chunk nodes and the inputs they read sliced
-    body: list[fx.Node]            # nodes run once per chunk, in graph order
-    inputs: list[fx.Node]          # what the body reads: sliced when in ``dims``, else whole
-    outputs: list[fx.Node]         # body nodes used after the region
-
-    @property
-    def input_dims(self) -> dict[str, int | None]:
-        """Input name -> the dim it is sliced along (None: passed whole)."""
-        return {n.name: self.dims[n].pos if n in self.dims else None for n in self.inputs}
-
-    @property
-    def output_dims(self) -> dict[str, int | str]:
-        """Output name -> the dim its chunks are concatenated along, or "sum" / "mean" for a reduction."""
-        return {n.name: k if isinstance(k, str) else k.pos for n, k in zip(self.outputs, self.combine)}
-
-    @property
-    def combine(self) -> list[ChunkDim | str]:
-        """Per output: the ChunkDim to concatenate along, or "sum" / "mean"."""
-        return [_reduction_kind(n) if self.dims[n].reduced else self.dims[n] for n in self.outputs]
-
-
-# --------------------------------------------------------------------------------------- regions
-
-def scope_region(gm: fx.GraphModule, scope: str, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Names of the call_function nodes of module ``scope`` (and its children), minus ``exclude`` scopes."""
-    def under(s, prefix):
-        return s == prefix or s.startswith(prefix + ".")
-    return [n.name for n in gm.graph.nodes if n.op == "call_function"
-            and under(_scope(n), scope) and not any(under(_scope(n), e) for e in exclude)]
-
-
-def region_between(gm: fx.GraphModule, first: str, last: str) -> list[str]:
-    """Names of the nodes on a path from node ``first`` to node ``last`` (both included)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    down, stack = set(), [nodes[first]]
-    while stack:
-        n = stack.pop()
-        if n not in down:
-            down.add(n)
-            stack.extend(n.users)
-    up, stack = set(), [nodes[last]]
-    while stack:
-        n = stack.pop()
-        if n not in up and n in down:
-            up.add(n)
-            stack.extend(n.all_input_nodes)
-    return [n.name for n in gm.graph.nodes if n in up]
-
-
-# --------------------------------------------------------------------------------------- analysis
-
-def chunk_flow(gm: fx.GraphModule, region: list[str], dim: int) -> ChunkFlow:
-    """Follow dim ``dim`` of the region's anchor through ``region``; :class:`ChunkError` if it cannot."""
-    nodes = _region_nodes(gm, region)
-    anchor = nodes[0].all_input_nodes[0]
-    shape = _shape(anchor)
-    if not -len(shape) <= dim < len(shape):
-        raise ChunkError(f"dim {dim} is out of range for {anchor.name} of shape {tuple(shape)}")
-    dims = {anchor: ChunkDim(dim % len(shape))}
-    inside = set(nodes)
-    while _sweep(nodes, dims):
-        pass
-    for n in nodes:
-        _check_carried(n, dims)
-    body = [n for n in nodes if n in dims or (_val(n) is None and any(a in dims for a in n.all_input_nodes))]
-    members = set(body)
-    inputs = list(dict.fromkeys(a for n in body for a in n.all_input_nodes if a not in members))
-    outputs = [n for n in body if any(u not in members for u in n.users)]
-    for n in outputs:
-        if not isinstance(_val(n), torch.Tensor):
-            raise ChunkError(f"region output {n.name} is not a tensor: add its users ({_names(n.users)}) to the region")
-    _check_convex(gm, inputs, outputs, members, inside)
-    return ChunkFlow(shape[dim], {n: d for n, d in dims.items() if n in members or n in inputs},
-                     body, inputs, outputs)
-
-
-def _sweep(nodes: list[fx.Node], dims: dict[fx.Node, ChunkDim]) -> bool:
-    """One pass of forward and backward propagation over ``nodes``; True if it learned something."""
-    changed = False
-    for n in nodes:
-        if _val(n) is None:
-            continue
-        for a in n.all_input_nodes:
-            if a not in dims:
-                continue
-            if dims[a].reduced:
-                raise ChunkError(f"cannot chunk {_where(a)}: it reduces the chunked axis and {n.name} uses its "
-                                 "result inside the region (a reduction over the axis must end the region)")
-            changed |= _claim(dims, n, _forward(n, a, dims[a]), a)
-        if n in dims:
-            for a, want in _backward(n, dims[n]).items():
-                if want is not None:
-                    changed |= _claim(dims, a, want, n)
-                elif a in dims:
-                    raise ChunkError(f"cannot chunk {_where(n)}: it needs {a.name} whole, but {a.name} carries "
-                                     f"the chunked axis (dim {dims[a].pos}); compute it outside the region")
-    return changed
-
-
-def _claim(dims: dict, node: fx.Node, d: ChunkDim, via: fx.Node) -> bool:
-    if node not in dims:
-        dims[node] = d
-        return True
-    if dims[node] != d:
-        raise ChunkError(f"{node.name} would carry the chunked axis both as {_show(dims[node])} and, through "
-                         f"{via.name}, as {_show(d)}")
-    return False
-
-
-def _check_carried(n: fx.Node, dims: dict) -> None:
-    """A per-chunk node must get the axis from an input: it cannot create it (arange, expand from 1)."""
-    if n in dims and not any(a in dims for a in n.all_input_nodes):
-        raise ChunkError(f"cannot chunk {_where(n)}: it creates the chunked axis (dim {dims[n].pos}) from "
-                         "inputs that do not carry it; compute it outside the region")
-
-
-def _check_convex(gm, inputs, outputs, members, inside) -> None:
-    """The loop replaces the body at one point: every input must exist before the first outside user."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    users = [u for n in outputs for u in n.users if u not in members]
-    last_in = max(inputs, key=order.get)
-    first_user = min(users, key=order.get)
-    if order[last_in] > order[first_user]:
-        raise ChunkError(f"the region is not convex: {first_user.name} uses its output and runs before its input "
-                         f"{last_in.name}" + (" (a region node that does not carry the axis)" if last_in in inside
-                                              else "; add the nodes in between to the region"))
-
-
-def _forward(node: fx.Node, src: fx.Node, d: ChunkDim) -> ChunkDim:
-    """Where ``node``'s result carries the axis that its input ``src`` carries as ``d``."""
-    if _op(node) in _VIEWS:
-        got = _refactor(_shape(src), _shape(node), d)
-        if got is None:
-            raise ChunkError(f"cannot chunk {_where(node)}: the view {tuple(_shape(src))} -> {tuple(_shape(node))} "
-                             f"splits the chunked axis (dim {d.pos} of {src.name})")
-        return got
-    rule = _rule_of(node)
-    for o, entry in rule.dims.items():
-        if entry.get(src) == d.pos:
-            if o in rule.reduced:
-                return d._replace(pos=o, reduced=True)
-            return d._replace(pos=rule.kept.index(o) if rule.kept is not None else o)
-    raise ChunkError(f"cannot chunk {_where(node)}: it reduces or mixes dim {d.pos} of {src.name} (the chunked axis)")
-
-
-def _backward(node: fx.Node, d: ChunkDim) -> dict[fx.Node, ChunkDim | None]:
-    """Where each tensor input of ``node`` must carry the axis for its result to carry it as ``d``."""
-    if _op(node) in _VIEWS:
-        src = node.args[0]
-        got = _refactor(_shape(node), _shape(src), d._replace(reduced=False))
-        if got is None:
-            raise ChunkError(f"cannot chunk {_where(node)}: the view {tuple(_shape(src))} -> {tuple(_shape(node))} "
-                             f"merges the chunked axis (dim {d.pos}) across input dims")
-        return {src: got}
-    rule = _rule_of(node)
-    o = d.pos if d.reduced or rule.kept is None else rule.kept[d.pos]
-    if o not in rule.dims:
-        raise ChunkError(f"cannot chunk {_where(node)}: its dim {d.pos} mixes several input dims")
-    entry = rule.dims[o]
-    return {a: (ChunkDim(entry[a], d.outer, d.inner) if a in entry else None) for a in node.all_input_nodes}
-
-
-def _refactor(src: tuple, dst: tuple, d: ChunkDim) -> ChunkDim | None:
-    """The ChunkDim of a view of shape ``dst`` of a tensor of shape ``src`` carrying the axis as ``d``, or
-    None if the view splits the axis. In row-major order the axis sits between ``before`` and ``after``
-    elements; the dst dim that holds it is the one whose leading and trailing products divide those."""
-    axis = src[d.pos] // (d.outer * d.inner)
-    before = math.prod(src[:d.pos]) * d.outer
-    after = d.inner * math.prod(src[d.pos + 1:])
-    for e in range(len(dst)):
-        lead, trail = math.prod(dst[:e]), math.prod(dst[e + 1:])
-        if before % lead == 0 and after % trail == 0 and dst[e] == before // lead * axis * (after // trail):
-            return ChunkDim(e, before // lead, after // trail)
-    return None
-
-
-# --------------------------------------------------------------------------------------- op rules
-
-_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze.dim", "squeeze.dims"}
-_UNARY = {"to", "_to_copy", "type_as", "dropout", "contiguous", "alias", "detach", "clone", "lift_fresh_copy"}
-_SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
-_SPLITS = {"split", "split_with_sizes", "chunk"}
-
-
-def _rule_of(node: fx.Node) -> _Rule:
-    rule = _rule(node)
-    if rule is None:
-        raise ChunkError(f"cannot chunk {_where(node)}: no chunking rule for this op")
-    return rule
-
-
-def _rule(node: fx.Node) -> _Rule | None:
-    """The dim correspondence of ``node``'s op (see :class:`_Rule`); None for an op without a rule."""
-    op, out = _op(node), _shape(node)
-    if op == "getitem":
-        return _Rule({o: {node.args[0]: o} for o in range(len(out))})
-    if op in _UNARY:
-        return _Rule(_aligned(out, [node.args[0]]))
-    if op == "expand" or torch.Tag.pointwise in getattr(node.target, "tags", ()):
-        return _Rule(_aligned(out, node.all_input_nodes))
-    kw = _kwargs(node)
-    rank = len(out) if out is not None else 0
-    if op in ("linear", "embedding", "layer_norm"):  # leading dims walk the rows; the last ones are mixed
-        x = kw["indices"] if op == "embedding" else kw["input"]
-        mixed = len(kw["normalized_shape"]) if op == "layer_norm" else 1
-        return _Rule({o: {x: o} for o in range(rank - mixed)})
-    if op in ("mm", "addmm", "bmm", "matmul"):
-        return _matmul(node, kw, out)
-    if op == "einsum":
-        return _einsum(kw["equation"], kw["tensors"])
-    if op == "scaled_dot_product_attention":
-        return _attention(kw, out)
-    if op in _SOFTMAX:
-        return _Rule({o: {kw["input"]: o} for o in range(rank) if o != kw["dim"] % rank})
-    if op in ("transpose", "permute", "t"):
-        return _Rule({o: {kw["input"]: p} for o, p in enumerate(_permutation(op, kw, rank))})
-    if op in ("select", "slice", "unbind") or op in _SPLITS:
-        return _indexing(op, kw)
-    if op == "cat":
-        d = kw["dim"] % rank
-        return _Rule({o: {t: o for t in kw["tensors"]} for o in range(rank) if o != d})
-    if op in ("sum", "mean"):
-        x = kw["input"]
-        return _reducing({o: {x: o} for o in range(len(_shape(x)))}, kw.get("dim"), kw.get("keepdim", False))
-    if op == "mse_loss":
-        a, b = kw["input"], kw["target"]
-        return _loss(_aligned(torch.broadcast_shapes(_shape(a), _shape(b)), [a, b]), kw["reduction"])
-    if op == "cross_entropy_loss" and kw["weight"] is None and not _val(kw["target"]).is_floating_point():
-        x, t = kw["input"], kw["target"]
-        return _loss({o: {x: o + (o > 0), t: o} for o in range(len(_shape(t)))}, kw["reduction"])
-    return None
-
-
-def _aligned(out, operands: list[fx.Node], shapes: list | None = None) -> dict:
-    """Broadcasting (right-aligned): result dim o walks dim o - len(out) + len(shape) of each operand that
-    has it with the same size; an operand of size 1 there is broadcast. Other sizes make o mixed (None)."""
-    shapes = shapes or [_shape(t) for t in operands]
-    dims = {}
-    for o, size in enumerate(out):
-        entry = {}
-        for t, shape in zip(operands, shapes):
-            j = o - len(out) + len(shape)
-            if j < 0 or shape[j] == 1 != size:
-                continue
-            if shape[j] != size or entry.get(t, j) != j:
-                entry = None
-                break
-            entry[t] = j
-        dims[o] = entry
-    return dims
-
-
-def _merge(*maps: dict) -> dict:
-    """Union of dim maps; a dim mixed in any of them, or walking one input two ways, is dropped."""
-    merged, bad = {}, set()
-    for m in maps:
-        for o, entry in m.items():
-            if entry is None:
-                bad.add(o)
-                continue
-            into = merged.setdefault(o, {})
-            for t, j in entry.items():
-                if into.setdefault(t, j) != j:
-                    bad.add(o)
-    return {o: e for o, e in merged.items() if o not in bad}
-
-
-def _reducing(dims: dict, reduce=None, keepdim: bool = False) -> _Rule:
-    """A sum or mean over the dims ``reduce`` (None or []: all) of a result indexed as ``dims``."""
-    rank = len(dims)
-    reduced = frozenset(range(rank)) if not reduce else frozenset(r % rank for r in reduce)
-    kept = None if keepdim else tuple(o for o in range(rank) if o not in reduced)
-    return _Rule(_merge(dims), reduced, kept)
-
-
-def _loss(dims: dict, reduction: int) -> _Rule:
-    """A loss is element-wise with reduction 'none' (0), else a sum or mean of everything."""
-    return _Rule(_merge(dims)) if reduction == 0 else _reducing(dims)
-
-
-def _matmul(node, kw, out) -> _Rule | None:
-    a, b = kw.get("mat1", kw["input"]), kw.get("mat2", kw.get("other"))
-    sa, sb, r = _shape(a), _shape(b), len(out)
-    if len(sa) < 2 or len(sb) < 2:
-        return None
-    maps = [_aligned(out[:-2], [a, b], [sa[:-2], sb[:-2]]), {r - 2: {a: len(sa) - 2}, r - 1: {b: len(sb) - 1}}]
-    if "mat1" in kw:  # addmm's bias
-        maps.append(_aligned(out, [kw["input"]]))
-    return _Rule(_merge(*maps))
-
-
-def _einsum(equation: str, tensors: list[fx.Node]) -> _Rule | None:
-    equation = equation.replace(" ", "")
-    if "->" not in equation or "." in equation:
-        return None
-    ins, out = equation.split("->")
-    terms = ins.split(",")
-    return _Rule(_merge(*({o: ({t: term.index(c)} if term.count(c) == 1 else None) for o, c in enumerate(out)
-                           if c in term} for t, term in zip(tensors, terms))))
-
-
-def _attention(kw, out) -> _Rule:
-    """Batch dims walk q, k, v and the mask; the query dim walks q and the mask; the last dim walks v."""
-    q, k, v, mask = kw["query"], kw["key"], kw["value"], kw["attn_mask"]
-    r = len(out)
-    maps = [_aligned(out[:-2], [q, k, v], [_shape(t)[:-2] for t in (q, k, v)]),
-            {r - 2: {q: len(_shape(q)) - 2}, r - 1: {v: len(_shape(v)) - 1}}]
-    if mask is not None:
-        maps.append(_aligned(out[:-1], [mask], [_shape(mask)[:-1]]))
-    return _Rule(_merge(*maps))
-
-
-def _permutation(op, kw, rank) -> list[int]:
-    if op == "permute":
-        return [p % rank for p in kw["dims"]]
-    perm = list(range(rank))
-    i, j = (0, 1) if op == "t" else (kw["dim0"] % rank, kw["dim1"] % rank)
-    perm[i], perm[j] = perm[j], perm[i]
-    return perm
-
-
-def _indexing(op, kw) -> _Rule:
-    """select/unbind drop ``dim``; slice/split keep it but cut it (a full slice is the identity)."""
-    x = kw["input"]
-    shape = _shape(x)
-    d = kw.get("dim", 0) % len(shape)
-    if op in ("select", "unbind"):
-        return _Rule({o: {x: o + (o >= d)} for o in range(len(shape) - 1)})
-    full = (op == "slice" and kw["start"] in (None, 0) and kw["step"] == 1
-            and (kw["end"] is None or kw["end"] >= shape[d]))
-    return _Rule({o: {x: o} for o in range(len(shape)) if full or o != d})
-
-
-def _reduction_kind(node: fx.Node) -> str:
-    """"mean" for a mean or a mean-reduced loss (the body returns (sum, count) parts), else "sum"."""
-    if node.target in (aten.mean.default, aten.mean.dim):
-        return "mean"
-    return "mean" if node.target in _PARTS and _kwargs(node)["reduction"] == 1 else "sum"
 
 
 # --------------------------------------------------------------------------------------- rewrite
@@ -443,6 +68,40 @@ def apply_chunk(gm: fx.GraphModule, region: list[str], dim: int, chunks: int) ->
         graph.erase_node(n)
     graph.lint()
     gm.recompile()
+    return gm
+
+
+def apply_chunking(gm: fx.GraphModule, chunking: list[dict]) -> fx.GraphModule:
+    """Apply a plan's ``chunking`` entries ({"kind", "scope", "dim", "chunks"}, from
+    ``search.chunking.chunk_regions``) to ``gm``, a per-rank graph of the model they were planned on
+    (possibly rewritten by ``passes.tp`` / ``passes.sp``). Each entry chunks every instance its scope
+    pattern matches, found again by module scope with the planner's rules
+    (:func:`search.chunking.find_regions`) and verified with ``chunk_flow``, never by node names (they
+    differ between the planner's capture and this rank's). ``chunks`` is capped at this rank's length of
+    the axis (shorter under sequence parallelism). BadInput if an entry matches nothing."""
+    todo, taken = [], set()
+    rank = {k: i for i, k in enumerate(KINDS)}
+    for i in sorted(range(len(chunking)), key=lambda i: rank.get(chunking[i].get("kind"), len(KINDS))):
+        entry = chunking[i]  # kinds in the planner's priority order: a region is found as it was priced
+        missing = {"kind", "scope", "dim", "chunks"} - set(entry)
+        if missing:
+            raise BadInput(f"chunking[{i}] lacks {sorted(missing)}: {entry}")
+        kind, scope, dim, chunks = entry["kind"], entry["scope"], entry["dim"], entry["chunks"]
+        what = f"chunking[{i}] ({kind} {scope!r}, dim {dim}, {chunks} chunks)"
+        found = find_regions(gm, kind, scope, dim, taken)
+        if not found:
+            scopes = matching_scopes(gm, scope)
+            why = (f"no module matches the scope {scope!r}" if not scopes else
+                   "it overlaps an earlier entry" if find_regions(gm, kind, scope, dim) else
+                   f"{len(scopes)} module(s) match {scope!r} ({', '.join(scopes[:3])}{', ...' if len(scopes) > 3 else ''})"
+                   f" but none holds {'an' if kind[0] in 'aeiou' else 'a'} {kind} region")
+            raise BadInput(f"{what} matches nothing in this graph: {why}; was the plan made for this model (and, "
+                           "for attention, without sequence parallelism, which replaces the attention)?")
+        for _, names in found:
+            taken.update(names)
+            todo.append((names, dim, chunks))
+    for names, dim, chunks in todo:  # regions are disjoint: applying one leaves the others' names alone
+        apply_chunk(gm, names, dim, min(chunks, chunk_flow(gm, names, dim).size))
     return gm
 
 
@@ -484,12 +143,15 @@ def _spans(size: int, chunks: int) -> list[tuple[int, int]]:
 
 
 def _narrow(x: torch.Tensor, d: ChunkDim, start: int, length: int) -> torch.Tensor:
+    """Chunk ``start .. start + length`` of the axis, which ``x`` carries as ``d``."""
     if d.outer == 1:
         return x.narrow(d.pos, start * d.inner, length * d.inner)
-    return x.unflatten(d.pos, (d.outer, -1)).narrow(d.pos + 1, start * d.inner, length * d.inner).flatten(d.pos, d.pos + 1)
+    x = x.unflatten(d.pos, (d.outer, -1))
+    return x.narrow(d.pos + 1, start * d.inner, length * d.inner).flatten(d.pos, d.pos + 1)
 
 
 def _combine(how, parts: list):
+    """The chunks' results of one output put together: concatenated along a ChunkDim, or summed."""
     if how == "sum":
         return sum(parts)
     if how == "mean":
@@ -504,7 +166,7 @@ def _body(flow: ChunkFlow) -> tuple[fx.GraphModule, bool]:
     g = fx.Graph()
     env = {n: g.placeholder(n.name) for n in flow.inputs}
     start = None
-    if any(_causal_queries(n, flow.dims) for n in flow.body):
+    if any(causal_queries(n, flow.dims) for n in flow.body):
         start = g.placeholder("chunk_start")
     for n in flow.body:
         env[n] = _emit(g, n, env, flow.dims, start)
@@ -516,50 +178,36 @@ def _emit(g: fx.Graph, n: fx.Node, env: dict, dims: dict, start) -> fx.Node:
     """Copy ``n`` into the body, with the arguments that name the axis's full length made per-chunk."""
     args, kwargs = fx.map_arg(n.args, env.__getitem__), fx.map_arg(n.kwargs, env.__getitem__)
     op, d = _op(n), dims.get(n)
-    target = n.target
+    target = aten.reshape.default if op in ("view", "_unsafe_view") else n.target  # chunks may be strided
     if op in ("view", "reshape", "_unsafe_view") and d is not None:
-        args = (args[0], _chunk_sizes(g, args[1], d, args[0], dims[n.args[0]]))
+        args = (args[0], _chunk_sizes(g, args[1], d.pos, d, args[0], dims[n.args[0]]))
     elif op == "unflatten" and d is not None and args[1] <= d.pos < args[1] + len(args[2]):
-        sizes = list(args[2])
-        sizes[d.pos - args[1]] = -1
-        args = (args[0], args[1], sizes)
+        args = (*args[:2], _chunk_sizes(g, args[2], d.pos - args[1], d, args[0], dims[n.args[0]]))
     elif op == "expand" and d is not None:
         sizes = list(args[1])
         sizes[d.pos] = -1  # keep the input's (chunk) size
         args = (args[0], sizes)
-    elif _causal_queries(n, dims):
+    elif causal_queries(n, dims):
         kw = normalize_function(n.target, args, kwargs, normalize_to_only_use_kwargs=True).kwargs
         target, args = causal_query_chunk_attention, (kw["query"], kw["key"], kw["value"], start)
         kwargs = {k: kw[k] for k in ("dropout_p", "scale", "enable_gqa")}
-    elif d is not None and d.reduced and _reduction_kind(n) == "mean":
+    elif d is not None and d.reduced and reduction_kind(n) == "mean":
         target = _PARTS[n.target]
     return g.create_node("call_function", target, args, kwargs, name=n.name)
 
 
-def _chunk_sizes(g: fx.Graph, sizes, d: ChunkDim, src: fx.Node, src_d: ChunkDim) -> list:
-    """A view's sizes with the chunked entry read off the chunk at run time (sizes from the graph stay
-    as they are: after tensor parallelism they are already local)."""
+def _chunk_sizes(g: fx.Graph, sizes, at: int, d: ChunkDim, src: fx.Node, src_d: ChunkDim) -> list:
+    """A view's ``sizes`` with entry ``at`` (the chunked one) read off the chunk at run time; the other
+    sizes stay as the graph has them (after tensor parallelism they are already local)."""
     size = g.call_function(aten.sym_size.int, (src, src_d.pos))
     if src_d.outer * src_d.inner > 1:
         size = g.call_function(operator.floordiv, (size, src_d.outer * src_d.inner))
     if d.outer * d.inner > 1:
         size = g.call_function(operator.mul, (size, d.outer * d.inner))
     sizes = list(sizes)
-    sizes[d.pos] = size
+    sizes[at] = size
     return sizes
 
-
-def _causal_queries(n: fx.Node, dims: dict) -> bool:
-    """A causal attention whose query rows are chunked (its mask depends on the chunk's offset)."""
-    if _op(n) != "scaled_dot_product_attention" or n not in dims:
-        return False
-    kw = _kwargs(n)
-    d = dims[n]
-    if not kw["is_causal"] or d.pos != len(_shape(n)) - 2:
-        return False
-    if d.outer != 1 or d.inner != 1:
-        raise ChunkError(f"cannot chunk {_where(n)}: its causal query dim merges the chunked axis with other dims")
-    return True
 
 
 def causal_query_chunk_attention(q, k, v, start: int, dropout_p: float = 0.0, scale=None, enable_gqa: bool = False):
@@ -590,71 +238,8 @@ def _mse_parts(a, b, reduction=1):
 
 _PARTS = {aten.mean.default: _mean_parts, aten.mean.dim: _mean_parts,
           aten.cross_entropy_loss.default: _cross_entropy_parts, aten.mse_loss.default: _mse_parts}
+assert set(_PARTS) == set(MEAN_OPS), "one (sum, count) part function per mean op the analysis splits"
 
-
-# --------------------------------------------------------------------------------------- helpers
-
-def _region_nodes(gm: fx.GraphModule, region: list[str]) -> list[fx.Node]:
-    if not region:
-        raise ChunkError("empty region")
-    by_name = {n.name: n for n in gm.graph.nodes}
-    missing = [r for r in region if r not in by_name]
-    if missing:
-        raise ChunkError(f"region names unknown nodes: {missing}")
-    wanted = set(region)
-    nodes = [n for n in gm.graph.nodes if n.name in wanted]
-    bad = [n.name for n in nodes if n.op != "call_function"]
-    if bad:
-        raise ChunkError(f"a region holds call_function nodes only, not {bad}")
-    return nodes
-
-
-def _op(node: fx.Node) -> str:
-    """Short op name; squeeze keeps its overload (squeeze.default squeezes every size-1 dim)."""
-    if node.op != "call_function":
-        return node.op
-    if node.target is operator.getitem:
-        return "getitem"
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return getattr(node.target, "__name__", str(node.target))
-    name = schema.name.split("::")[-1]
-    return f"squeeze.{node.target._overloadname}" if name == "squeeze" else name
-
-
-def _kwargs(node: fx.Node) -> dict:
-    """All arguments of an aten op by schema name, defaults filled in."""
-    return normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-
-
-def _val(node: fx.Node):
-    if node.op == "get_attr":
-        return attrgetter(node.target)(node.graph.owning_module)
-    return node.meta.get("val")
-
-
-def _shape(node: fx.Node) -> tuple:
-    val = _val(node)
-    if isinstance(val, (list, tuple)):
-        val = val[0]
-    return tuple(val.shape)
-
-
-def _scope(node: fx.Node) -> str:
-    return getattr(node.meta.get("autopar"), "scope", "")
-
-
-def _where(node: fx.Node) -> str:
-    return f"{node.name} ({_op(node)})"
-
-
-def _show(d: ChunkDim) -> str:
-    extra = f" (merged: {d.outer} x axis x {d.inner})" if d.outer * d.inner > 1 else ""
-    return f"dim {d.pos}{extra}" + (" reduced" if d.reduced else "")
-
-
-def _names(nodes) -> str:
-    return ", ".join(n.name for n in nodes)
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:

@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from passes.dp import apply_dp
 from passes.pipeline import split_stages
+from passes.chunk import apply_chunking
 from passes.dsp import apply_dsp
 from passes.sp import apply_sp
 from passes.tp import apply_tp
@@ -87,7 +88,7 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> Distributed
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]
     shards = propagate(gm, styles, tp).param_shards if tp > 1 else {}
-    apply_tp(gm, styles, mesh.group("tp"), tp, mesh.local_rank("tp"))
+    apply_tp(gm, styles, mesh.group("tp"), tp, mesh.local_rank("tp"), sequence=plan.megatron_sp)
     replicas = ("dp",)
     sp = plan.sequence_parallel
     if sp:
@@ -103,6 +104,8 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> Distributed
             raise BadInput(f"the plan's sequence parallelism ({sp['variant']}, sp={sp['degree']}) does not fit "
                            f"this model: {exc}; re-plan for it") from None
         replicas = ("dp", "spo", "spi") if two_d else ("dp", "sp")
+    if plan.chunking:
+        apply_chunking(gm, plan.chunking)
     group = mesh.joint_group(replicas)
     sync = apply_dp(gm, group, deg["zero"])
     return DistributedModule(gm, plan, mesh, sync, shards, batch, group)

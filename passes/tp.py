@@ -73,13 +73,7 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
         values[name] = _close_rowwise(graph, nodes[name], layout, sequence)
     _route(graph, [(values[x], ()) for x in layout.copy_before], "tp_copy", colwise.__contains__)
     if sequence:
-        local = {nodes[n] for n in layout.seq_dims}  # ops on this rank's block of the sequence
-        dims = layout.seq_dims
-        _route(graph, [(values[x], (dims[x],)) for x in layout.gather_before], "sp_gather", colwise.__contains__)
-        _route(graph, [(values[x], (dims[x],)) for x in layout.seq_gather], "sp_unsplit",
-               lambda u: u.op != "call_module" and u not in local and u not in colwise)
-        _route(graph, [(values[x], (d,)) for x, d in layout.seq_split.items()], "sp_split", local.__contains__)
-        _route(graph, [(values[x], ()) for x in layout.seq_grad_sum], "tp_copy", local.__contains__)
+        _sequence_boundaries(graph, layout, values, colwise)
     graph.lint()
     gm.recompile()
     return gm
@@ -110,6 +104,19 @@ def _close_rowwise(graph: fx.Graph, node: fx.Node, layout, sequence: bool) -> fx
             node.args = (node.args[1], node.args[2])
     node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not reduced)
     return out
+
+
+def _sequence_boundaries(graph: fx.Graph, layout, values: dict[str, fx.Node], colwise: set[fx.Node]) -> None:
+    """Collectives where sequence-split values meet other readers: all-gather for colwise linears and
+    for replicated ops, a local split for replicated values entering a split region, and a gradient
+    sum for the replicated operands (norm weights) it reads."""
+    local = {values[n] for n in layout.seq_dims}  # ops on this rank's block of the sequence
+    dims = layout.seq_dims
+    _route(graph, [(values[x], (dims[x],)) for x in layout.gather_before], "sp_gather", colwise.__contains__)
+    _route(graph, [(values[x], (dims[x],)) for x in layout.seq_gather], "sp_unsplit",
+           lambda u: u.op != "call_module" and u not in local)
+    _route(graph, [(values[x], (d,)) for x, d in layout.seq_split.items()], "sp_split", local.__contains__)
+    _route(graph, [(values[x], ()) for x in layout.seq_grad_sum], "tp_copy", local.__contains__)
 
 
 def _route(graph: fx.Graph, sources: list[tuple[fx.Node, tuple]], module: str, reads) -> None:

@@ -98,10 +98,11 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "pipeline": {"schedule": win.schedule, "microbatches": win.microbatches,
                      "microbatch_size": win.microbatch_size, "stages": _stages(win, folding)},
         "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
+        "megatron_sp": win.megatron_sp,
         "sequence_parallel": _sequence_parallel(win),
         "templates": [{"id": t.id, "hash": t.hash[:16], "instances": len(t.instances), "first": t.instances[0],
                        "nodes": t.num_nodes, "params": t.num_params} for t in folding.templates],
-        "chunking": [],
+        "chunking": win.chunking,
         "recompute": win.recompute,
         "predicted": _predicted(win, mg, cl, dtype, gb),
         "search": {"seconds": round(time.perf_counter() - start, 3) if timings else None, "folded": fold,
@@ -149,7 +150,8 @@ def _predicted(c: Candidate, mg, cl: Cluster, dtype: str, gb: int) -> dict:
         "tflops_per_device": tflops,
         "mfu": tflops * 1e12 / cl.peak(dtype),
         "breakdown": {**{f"time_{k}_s": v for k, v in c.breakdown.items()},
-                      **{f"memory_{k}_bytes": int(v) for k, v in c.memory.items()}},
+                      **{f"memory_{k}_bytes": int(v) for k, v in c.memory.items()},
+                      **({"activations_freed_by_chunking_bytes": int(c.chunk_freed)} if c.chunking else {})},
     }
 
 

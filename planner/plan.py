@@ -43,7 +43,7 @@ DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 TOP_KEYS = (
     "version", "case", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
-    "tensor_parallel", "sequence_parallel", "templates", "chunking", "recompute", "predicted", "search",
+    "tensor_parallel", "megatron_sp", "sequence_parallel", "templates", "chunking", "recompute", "predicted", "search",
     "alternatives", "warnings",
 )
 MODEL_KEYS = ("name", "params", "layers")
@@ -58,6 +58,8 @@ TP_KEYS = ("style", "groups")
 SP_KEYS = ("variant", "degree", "inner", "layout", "comm_bytes_per_step", "exposed_s_per_step", "options")
 SP_OPTION_KEYS = ("variant", "inner", "exposed_s_per_step", "comm_bytes_per_step")
 SP_LAYOUTS = ("contiguous", "zigzag")
+CHUNK_KEYS = ("kind", "scope", "dim", "chunks")
+CHUNK_KINDS = ("mlp", "attention", "lm_head_loss", "pair")
 CASE_KEYS = ("model", "cluster", "devices", "global_batch", "seq", "dtype", "memory_limit_gib", "fix")
 FIX_INT_KEYS = ("dp", "tp", "pp", "sp", "zero", "microbatches")
 FIX_CHOICE_KEYS = {"schedule": SCHEDULES, "recompute": RECOMPUTE, "attention": SP_VARIANTS}
@@ -77,6 +79,7 @@ _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
     ("search",): SEARCH_KEYS,
     ("sequence_parallel",): SP_KEYS,
     ("sequence_parallel", "options", "[]"): SP_OPTION_KEYS,
+    ("chunking", "[]"): CHUNK_KEYS,
 }
 
 GIB = 1024 ** 3
@@ -301,13 +304,29 @@ def _validate(d: Any) -> dict:
             V.str_(spec["style"], f"{f}.style", TP_STYLES)
             V.int_(spec["groups"], f"{f}.groups", 1)
 
+    if "megatron_sp" in d:
+        V.bool_(d["megatron_sp"], "megatron_sp")
+        if d["megatron_sp"] and deg["tp"] == 1:
+            V.fail("megatron_sp", "needs degrees.tp > 1")
+    else:
+        d["megatron_sp"] = False
     _validate_sp(d, deg["sp"])
 
-    for k in ("templates", "chunking"):
-        if k not in d:
-            V.fail(k, "missing")
-        if not isinstance(d[k], (dict, list)) and d[k] is not None:
-            V.fail(k, f"expected an object or list, got {_type_name(d[k])}")
+    if "templates" not in d:
+        V.fail("templates", "missing")
+    if not isinstance(d["templates"], (dict, list)) and d["templates"] is not None:
+        V.fail("templates", f"expected an object or list, got {_type_name(d['templates'])}")
+    if "chunking" not in d:
+        V.fail("chunking", "missing")
+    for i, ch in enumerate(V.list_(d["chunking"], "chunking")):
+        f = f"chunking[{i}]"
+        if not isinstance(ch, dict):
+            V.fail(f, f"expected an object, got {_type_name(ch)}")
+        V.keys(ch, CHUNK_KEYS, f)
+        V.str_(ch["kind"], f"{f}.kind", CHUNK_KINDS)
+        V.str_(ch["scope"], f"{f}.scope")
+        V.int_(ch["dim"], f"{f}.dim", 0)
+        V.int_(ch["chunks"], f"{f}.chunks", 2)
 
     if "recompute" not in d:
         V.fail("recompute", "missing")
@@ -752,6 +771,7 @@ class Plan:
     pipeline = property(lambda self: self._get("pipeline"))
     tensor_parallel = property(lambda self: self._get("tensor_parallel"))
     sequence_parallel = property(lambda self: self._get("sequence_parallel"))
+    megatron_sp = property(lambda self: self._get("megatron_sp"))
     templates = property(lambda self: self._get("templates"))
     chunking = property(lambda self: self._get("chunking"))
     recompute = property(lambda self: self._get("recompute"))
@@ -784,6 +804,9 @@ class Plan:
         t.add_row("degrees", f"dp={g['dp']}  tp={g['tp']}  pp={g['pp']}  sp={g['sp']}  zero={g['zero']}")
         t.add_row("pipeline", f"schedule {p['schedule']}, {p['microbatches']} microbatches of "
                               f"{p['microbatch_size']}, {len(p['stages'])} stages")
+        if d["megatron_sp"]:
+            t.add_row("megatron-sp", f"norms and residuals between tensor-parallel cones hold 1/{g['tp']} of the "
+                                     "sequence (all-gather / reduce-scatter instead of all-reduce)")
         if d["sequence_parallel"]:
             sp = d["sequence_parallel"]
             how = ("DSP: frames sharded, switched to spatial tokens around temporal blocks" if sp["variant"] == "dsp"
@@ -795,7 +818,8 @@ class Plan:
         t.add_row("recompute", r if isinstance(r, str) else
                   ", ".join(f"{k}: {v}" for k, v in r.items()) or "none")
         if d["chunking"]:
-            t.add_row("chunking", json.dumps(d["chunking"], separators=(",", ":"))[:200])
+            t.add_row("chunking", "; ".join(f"{c['scope']} ({c['kind']}) in {c['chunks']} chunks along dim {c['dim']}"
+                                            for c in d["chunking"]))
         s = d["search"]
         t.add_row("search", f"solver {s['solver_status']}, folded={'yes' if s['folded'] else 'no'}, "
                             f"{s['unique_blocks']} unique blocks, {s['ilp_variables']} ILP variables, "

@@ -13,8 +13,10 @@ Variants (r = flattened sp rank):
   P | Hkv; when Hkv | P every destination is sent only the one kv head its query heads use.
 - ``ring``: blockwise attention with log-sum-exp merging; K/V blocks rotate around `group` with
   batched isend/irecv issued before computing on the current block. Causal pairs of position runs
-  that are fully masked are skipped, so the zigzag layout gives every rank equal work. Backward is
-  FlashAttention-2 style (recompute from out and lse); dK/dV sums travel the ring back to their owners.
+  that are fully masked are skipped, so the zigzag layout gives every rank equal work; the others are
+  fully visible or a run's causal diagonal, each one call of torch's fused flash-attention op on CPU
+  (see "block-pair kernels"). Backward is FlashAttention-2 style (recompute from the merged out and
+  lse); dK/dV sums travel the ring back to their owners.
 - ``ring2d`` (double ring): P = inner × outer, r = outer_rank · inner + inner_rank. K/V rotate around
   `inner_group`; each phase's start block is forwarded one step along `group` (outer ring) while
   the inner cycle computes, so outer links carry O-1 of the P-1 block hops.
@@ -38,6 +40,8 @@ Independent of causal and layout (the ring passes every block even where it is f
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -92,10 +96,13 @@ def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _pairs(qruns, kruns, causal: bool, device):
-    """(query slice, key slice, mask or None) for every pair of runs with a visible key."""
+def _pairs(qruns, kruns, causal: bool):
+    """(query slice, key slice, diagonal) for every pair of runs with a visible key. A pair is either
+    fully visible or, when causal, the diagonal: the run against itself (same start, same length), where
+    query i sees keys 0..i (top-left aligned). Ranks and runs hold disjoint positions, so a key run can
+    overlap a query run only by being the same run; no other partial mask exists under any layout."""
     if not causal:
-        yield slice(None), slice(None), None
+        yield slice(None), slice(None), False
         return
     for qa, qb, qp in qruns:
         qlast = qp + qb - qa - 1
@@ -103,62 +110,89 @@ def _pairs(qruns, kruns, causal: bool, device):
             klast = kp + kb - ka - 1
             if kp > qlast:
                 continue
-            mask = None
-            if klast > qp:
-                kpos = torch.arange(kp, klast + 1, device=device)
-                mask = kpos <= torch.arange(qp, qlast + 1, device=device).unsqueeze(-1)
-            yield slice(qa, qb), slice(ka, kb), mask
+            diag = klast > qp
+            if diag and (kp, klast) != (qp, qlast):
+                raise AssertionError(f"key run {kp}..{klast} partly overlaps query run {qp}..{qlast}")
+            yield slice(qa, qb), slice(ka, kb), diag
 
 
-# ---------------------------------------------------------------- blockwise kernels
-# q, dout, out: [B, Hkv, g, s, D] (query head h = kv head h // g); k, v: [B, Hkv, s_k, D].
+# ---------------------------------------------------------------- block-pair kernels
+# q, dout, out: [B, H, s_q, D] and lse [B, H, s_q] in the accumulation dtype; k, v: [B, Hkv, s_k, D]
+# (query head h uses kv head h // (H / Hkv)). `diag`: causal, top-left aligned (s_q == s_k).
+#
+# CPU: torch's fused flash-attention ops (forward returns the block's logsumexp; backward, given the
+# query rows' GLOBAL out and lse, returns the block pair's exact share of dq, dk, dv: FlashAttention-2
+# ring backward). They take GQA/MQA heads and strided slices as they are. Other devices keep the
+# einsum path: CUDA's flash op rejects fp32 (the ring computes in fp32 or wider) and its efficient-
+# attention op pads lse and needs philox state in backward, which cannot be tested here.
 
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """lse with -inf (rows that see no key) replaced by 0, so exp(scores - lse) gives 0 there."""
-    return lse.nan_to_num(neginf=0.0)
+kernel_calls: Counter = Counter()
+"""Block pairs computed per path ("fused" / "math", forward and backward alike); diagnostics for tests."""
+
+_FUSED_DEVICES = ("cpu",)  # device types whose block pairs take the fused op (tests clear it to check the math path)
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _scores(q, k, mask, scale):
-    s = torch.einsum("bhgqd,bhkd->bhgqk", q, k) * scale
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
-
-
-def _block_forward(q, k, v, mask, scale):
-    s = _scores(q, k, mask, scale)
+def _block_forward(q, k, v, diag, scale):
+    """(out, lse) of q over one key block."""
+    if q.device.type in _FUSED_DEVICES:
+        kernel_calls["fused"] += 1
+        return _FLASH_CPU(q, k, v, 0.0, diag, scale=scale)
+    kernel_calls["math"] += 1
+    qg, s = _math_scores(q, k, diag, scale)
     lse = s.logsumexp(-1)
-    p = torch.exp(s - _finite(lse).unsqueeze(-1))
-    return torch.einsum("bhgqk,bhkd->bhgqd", p, v), lse
+    o = torch.einsum("bhgqk,bhkd->bhgqd", torch.exp(s - lse.unsqueeze(-1)), v)
+    return o.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def _block_backward(q, k, v, dout, lse, delta, mask, scale):
-    p = torch.exp(_scores(q, k, mask, scale) - _finite(lse).unsqueeze(-1))
+def _block_backward(dout, q, k, v, out, lse, diag, scale):
+    """This key block's (dq, dk, dv), from the query rows' global out and lse."""
+    if q.device.type in _FUSED_DEVICES:
+        kernel_calls["fused"] += 1
+        return _FLASH_CPU_BACKWARD(dout, q, k, v, out, lse, 0.0, diag, scale=scale)
+    kernel_calls["math"] += 1
+    qg, s = _math_scores(q, k, diag, scale)
+    dout = dout.reshape(qg.shape)
+    p = torch.exp(s - lse.reshape(s.shape[:-1]).unsqueeze(-1))
+    delta = (dout * out.reshape(qg.shape)).sum(-1, keepdim=True)
     dv = torch.einsum("bhgqk,bhgqd->bhkd", p, dout)
-    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", dout, v) - delta.unsqueeze(-1))
+    ds = p * (torch.einsum("bhgqd,bhkd->bhgqk", dout, v) - delta)
     dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, k) * scale
-    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, q) * scale
-    return dq, dk, dv
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, qg) * scale
+    return dq.reshape(q.shape), dk, dv
+
+
+def _math_scores(q, k, diag, scale):
+    """(q grouped [B, Hkv, g, s_q, D], scaled scores [B, Hkv, g, s_q, s_k], diagonal masked)."""
+    b, h, n, d = q.shape
+    qg = q.reshape(b, k.shape[1], h // k.shape[1], n, d)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * scale
+    if diag:
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return qg, s
 
 
 def _attend(out, lse, q, kv, qruns, kruns, causal, scale):
     """Merge the attention of q over one K/V block into (out, lse), in place."""
     k, v = (t.to(q.dtype) for t in kv)
-    for qs, ks, mask in _pairs(qruns, kruns, causal, q.device):
-        o, l = _block_forward(q[..., qs, :], k[:, :, ks], v[:, :, ks], mask, scale)
-        old = lse[..., qs]
-        new = torch.logaddexp(old, l)
-        keep, take = (torch.exp(x - _finite(new)).unsqueeze(-1) for x in (old, l))
-        out[..., qs, :] = out[..., qs, :] * keep + o * take
-        lse[..., qs] = new
+    for qs, ks, diag in _pairs(qruns, kruns, causal):
+        o, l = _block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], diag, scale)
+        old = lse[:, :, qs]
+        new = torch.logaddexp(old, l)  # finite: every pair gives each of its query rows a visible key
+        keep, take = (torch.exp(x - new).unsqueeze(-1) for x in (old, l))
+        out[:, :, qs] = out[:, :, qs] * keep + o * take
+        lse[:, :, qs] = new
 
 
-def _attend_backward(dq, q, kv, dout, lse, delta, qruns, kruns, causal, scale):
+def _attend_backward(dq, q, kv, dout, out, lse, qruns, kruns, causal, scale):
     """Add one K/V block's share of dq into `dq` (in place); return that block's (dk, dv)."""
     k, v = (t.to(q.dtype) for t in kv)
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    for qs, ks, mask in _pairs(qruns, kruns, causal, q.device):
-        a, b, c = _block_backward(q[..., qs, :], k[:, :, ks], v[:, :, ks], dout[..., qs, :], lse[..., qs],
-                                  delta[..., qs], mask, scale)
-        dq[..., qs, :] += a
+    for qs, ks, diag in _pairs(qruns, kruns, causal):
+        a, b, c = _block_backward(dout[:, :, qs], q[:, :, qs], k[:, :, ks], v[:, :, ks], out[:, :, qs],
+                                  lse[:, :, qs], diag, scale)
+        dq[:, :, qs] += a
         dk[:, :, ks] += b
         dv[:, :, ks] += c
     return dk, dv
@@ -245,7 +279,6 @@ def _ring_forward(topo, runs, q, kv, causal, scale):
 
 
 def _ring_backward(topo, runs, q, kv, out, lse, dout, causal, scale):
-    delta = (dout * out).sum(-1)
     dq = torch.zeros_like(q)
     outer_sum = _RingSum(topo.outer)
     for phase in range(topo.no):
@@ -253,7 +286,7 @@ def _ring_backward(topo, runs, q, kv, out, lse, dout, causal, scale):
         cur, inner_sum = kv, _RingSum(topo.inner)
         for step in range(topo.ni):
             nxt = _Shift(cur, topo.inner, _KV_TAG) if step < topo.ni - 1 else None
-            inner_sum.add(_attend_backward(dq, q, cur, dout, lse, delta, runs[topo.rank],
+            inner_sum.add(_attend_backward(dq, q, cur, dout, out, lse, runs[topo.rank],
                                            runs[topo.source(phase, step)], causal, scale))
             cur = nxt.wait() if nxt else cur
         outer_sum.add(inner_sum.total())
@@ -261,10 +294,9 @@ def _ring_backward(topo, runs, q, kv, out, lse, dout, causal, scale):
     return dq, outer_sum.total()
 
 
-def _group_heads(q: torch.Tensor, hkv: int) -> torch.Tensor:
-    """[B, H, s, D] -> [B, Hkv, H/Hkv, s, D] in the accumulation dtype (fp32 or wider)."""
-    b, h, s, d = q.shape
-    return q.reshape(b, hkv, h // hkv, s, d).to(torch.promote_types(q.dtype, torch.float32))
+def _accumulation(t: torch.Tensor) -> torch.Tensor:
+    """t in the accumulation dtype (fp32 or wider), contiguous."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)).contiguous()
 
 
 class _RingAttention(torch.autograd.Function):
@@ -273,18 +305,18 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, topo, runs, causal, scale):
         kv = [k.contiguous(), v.contiguous()]
-        out, lse = _ring_forward(topo, runs, _group_heads(q, k.shape[1]), kv, causal, scale)
+        out, lse = _ring_forward(topo, runs, _accumulation(q), kv, causal, scale)
         ctx.save_for_backward(q, *kv, out, lse)
         ctx.args = (topo, runs, causal, scale)
-        return out.to(q.dtype).reshape(q.shape)
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         topo, runs, causal, scale = ctx.args
-        dout = dout.reshape(out.shape).to(out.dtype)
-        dq, (dk, dv) = _ring_backward(topo, runs, _group_heads(q, k.shape[1]), [k, v], out, lse, dout, causal, scale)
-        return dq.to(q.dtype).reshape(q.shape), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dout = dout.to(out.dtype).contiguous()
+        dq, (dk, dv) = _ring_backward(topo, runs, _accumulation(q), [k, v], out, lse, dout, causal, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------- Ulysses

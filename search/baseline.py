@@ -12,6 +12,7 @@ assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache, partial
 from typing import Callable
 
@@ -20,14 +21,19 @@ from search.cluster import Cluster, normalize_dtype
 from search.errors import BadInput, Infeasible
 from search.graph import ModelGraph
 from search.candidate import DTYPE_BYTES, Candidate, dp_sync, work_time
-from search.fold import Folding
+from search import chunking
+from search.chunking import ChunkRegion, chunk_regions
+from search.fold import Folding, fold
 from search.memory import model_state_bytes
 from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
 from search.seqpar import VARIANTS, SPChoice
 from search.dsp import dsp_layout, dsp_traffic
 from search.seqshard import Unsupported, propagate_seq
-from search.space import Space, build_space
+from search.space import MegatronSP, Space, build_space, megatron_sp
+
+
+CHUNKS = (2, 4, 8, 16, 32, 64)  # chunk counts the search tries (the pass takes any, dividing or not)
 
 
 def _divisors(n: int) -> list[int]:
@@ -84,6 +90,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
         [p for p in _divisors(devices) if p > 1 or not pipelined]
     sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
+    regions = chunk_regions(mg, folding if folding is not None else fold(mg))
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
@@ -119,7 +126,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
                     out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why))
                     continue
                 out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                                   select)
+                                   select, regions)
         if any(c.feasible for c in out):
             break
     if not out:
@@ -191,10 +198,11 @@ def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[
 
 
 def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                select) -> list[Candidate]:
-    """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``)."""
+                select, regions) -> list[Candidate]:
+    """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``;
+    ``regions``: the chunkable regions, used when memory binds)."""
     local = global_batch // dp
-    out, cache = [], {}
+    out, cache, msp = [], {}, {}
     tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
     zeros = (0,) if dp * sequence[0] == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)  # ZeRO shards over dp × sp
     for zero in zeros:
@@ -209,9 +217,11 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                 if "recompute" in fix and fix["recompute"] != recompute:
                     continue
                 if pp == 1:
+                    if tp not in msp:
+                        msp[tp] = megatron_sp(mg, space)
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
-                                    global_batch, mg.batch_size, limit, sequence)
-                    out.append(select(space, price, limit))
+                                    global_batch, mg.batch_size, limit, sequence, msp[tp] if sequence[0] == 1 else None)
+                    out.append(_chunked(select(space, price, limit), regions, cluster, dtype, limit))
                     continue
                 key = ("regions", micro, recompute)
                 if key not in cache:
@@ -250,15 +260,66 @@ def _graph_dtype(mg: ModelGraph) -> str:
     return "fp32" if not dtypes or "float32" in dtypes else normalize_dtype(dtypes[0])
 
 
+def _chunked(c: Candidate, regions: list[ChunkRegion], cl: Cluster, dtype: str, limit: float) -> Candidate:
+    """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
+    region kinds are chunked, all instances at once, best bytes saved per second of recompute first,
+    each with the fewest chunks that close the remaining gap (``search.chunking``: a chunked region
+    keeps its inputs and one chunk's intermediates, and backward recomputes its forward)."""
+    need = c.peak_memory - limit
+    if need <= 0 or c.recompute != "none" or not regions or not c.memory:
+        return c
+    per_sample, share = c.chunk_scales
+    options = []
+    for r in regions:
+        if r.kind == "attention" and c.sp_degree > 1:  # the sequence-parallel kernel replaces it
+            continue
+        div = c.tp if r.template is not None and c.tp > 1 else 1  # block regions run tp-sharded (approx.)
+        work = r.instances * share / div
+        recompute = cost.compute_time(r.fwd_flops * work, dtype, cl) + cost.memory_time(r.fwd_mem_bytes * work, cl)
+
+        def seconds(k, r=r, recompute=recompute):  # + every kernel launched k times: forward, recompute, backward
+            return recompute + 3 * k * r.instances * len(r.nodes) * cost.KERNEL_LAUNCH_S * c.microbatches
+
+        def saved(k, r=r, div=div):
+            return r.instances * (r.act_bytes - chunking.chunk_memory(r, k)) * per_sample / div
+
+        ks = [k for k in CHUNKS if k <= r.size] or [1]
+        options.append((saved(ks[0]) / max(seconds(ks[0]), 1e-12), r, ks, saved, seconds))
+    options.sort(key=lambda o: (-o[0], o[1].scope))
+    plan, extra, freed = [], 0.0, 0.0
+    for _, r, ks, saved, seconds in options:
+        if need - freed <= 0:
+            break
+        k = next((k for k in ks if saved(k) >= need - freed), ks[-1])
+        if saved(k) <= 0:
+            continue
+        plan.append({"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k})
+        freed += saved(k)
+        extra += seconds(k)
+    if not plan:
+        return c
+    out = replace(c, chunking=plan, chunk_freed=freed, breakdown={**c.breakdown, "chunk_recompute": extra},
+                  memory={**c.memory, "activations": c.memory["activations"] - freed})
+    out.step_time_s = c.step_time_s + extra
+    out.feasible = out.peak_memory <= limit and (c.feasible or c.reason.startswith("needs"))
+    out.reason = "" if out.feasible else f"needs {_gib(out.peak_memory)} GiB > {_gib(limit)} GiB per device " \
+                                          f"even with activation chunking"
+    return out
+
+
 def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: int, micro: int, m: int,
            recompute: str, global_batch: int, graph_batch: int, limit: float, sequence: tuple,
-           picks: dict[str, int]) -> Candidate:
+           msp: MegatronSP | None, picks: dict[str, int]) -> Candidate:
     """Price the layout ``picks`` of ``space``, with the fastest attention variant for its heads when
     ``sequence`` = (sp degree, sequence length, pinned variant or None, DSP traffic or None) has
-    sp > 1; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
+    sp > 1, and with Megatron sequence parallelism (``msp``) when ``picks`` is the full Megatron
+    layout; the graph was captured at ``graph_batch`` samples, the step has ``global_batch``."""
     st = space.layout(picks)
     sp = sequence[0]
     c = Candidate(dp, st.tp, zero, micro, m, recompute, layout=st)
+    if msp is not None and picks == space.all_sharded():
+        c.megatron_sp = True
+        st = replace(st, work=st.work + msp.delta)
     mesh = (dp, sp, st.tp)
     dp_spans = cost.group_spans_nodes((dp * sp, st.tp), 0, cl.devices_per_node)
     tp_spans = cost.group_spans_nodes(mesh, 2, cl.devices_per_node)
@@ -271,6 +332,13 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.comm_bytes = tp_bytes + dp_bytes
+    if c.megatron_sp:  # boundary all-gathers per microbatch, norm-weight gradient all-reduce per step
+        grads = msp.grad_sums * DTYPE_BYTES[dtype]
+        c.breakdown["tp_all_reduce"] += m * sum(cost.collective_time("all_gather", b * per_sample * sp, st.tp, cl,
+                                                                     spans_nodes=tp_spans) for b in msp.gathers) \
+            + cost.collective_time("all_reduce", grads, st.tp, cl, spans_nodes=tp_spans)
+        c.comm_bytes += m * sum(cost.bytes_sent_per_rank("all_gather", b * per_sample * sp, st.tp) for b in msp.gathers) \
+            + cost.bytes_sent_per_rank("all_reduce", grads, st.tp)
     if sp > 1:
         c.sp_options, why = _sp_options(cl, dtype, w.attention, sequence, per_sample, micro / graph_batch / sp, st.tp)
         c.sp, sp_time, sp_bytes = min(c.sp_options, key=seqpar.preference, default=(SPChoice(sp, "none"), 0.0, 0.0))
@@ -283,6 +351,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     else:
         act = w.act_bytes * per_sample
     c.memory = {**states, "activations": act}
+    c.chunk_scales = (per_sample, share)
     if c.peak_memory > limit:
         c.feasible = False
         c.reason = f"needs {_gib(c.peak_memory)} GiB > {_gib(limit)} GiB per device"

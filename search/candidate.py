@@ -34,6 +34,10 @@ class Candidate:
     solver: dict = field(default_factory=dict)     # how the layout was chosen: status, gap, variables
     sp: SPChoice | None = None                     # sequence parallelism (None: sp = 1)
     sp_options: list = field(default_factory=list)  # (SPChoice, exposed s, bytes) of every variant priced
+    chunking: list = field(default_factory=list)    # chunked regions: {kind, scope, dim, chunks}
+    chunk_freed: float = 0.0                        # activation bytes the chunking frees per device
+    megatron_sp: bool = False                       # tp regions between cones hold 1/tp of the sequence
+    chunk_scales: tuple = (0.0, 0.0)                # (bytes per captured byte, work share) the chunking prices with
 
     @property
     def sp_degree(self) -> int:

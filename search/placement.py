@@ -264,7 +264,8 @@ def megatron_sp_nodes(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], tp
     and memory-bound work shrink by tp), in graph order. Rowwise linears are not listed: they belong
     to their cones (already split tp ways); only their reduced output is sequence-split."""
     layout = propagate(gm, styles, tp, sequence=True)
-    return [n for n in layout.seq_dims if n not in layout.reduce_after]
+    closers = set(layout.reduce_after)
+    return [n for n in layout.seq_dims if n not in closers]
 
 
 _NORMS = {"layer_norm", "native_layer_norm", "rms_norm"}
@@ -282,8 +283,9 @@ def _sequence_layout(gm: fx.GraphModule, layout: Layout) -> None:
     layout.gather_before = [x for x in layout.copy_before if x in names]
     layout.copy_before = [x for x in layout.copy_before if x not in names]
     grad_sum: dict[str, None] = {}
+    closers = set(layout.reduce_after)
     for node in seq:
-        if node.name not in layout.reduce_after:
+        if node.name not in closers:
             _, operands = _token_dims(node, seq, split)
             grad_sum.update((a.name, None) for a, d in operands.items() if d is None and a not in seq)
         readers = [u for u in node.users if u not in seq and not _is_colwise_read(gm, u, node, layout)]
@@ -305,11 +307,13 @@ def _sequence_regions(gm: fx.GraphModule, layout: Layout) -> tuple[dict[fx.Node,
 
     Sources are the rowwise outputs (after their reduce-scatter). A token-wise op joins when it reads
     a sequence-split value or a replicated value already split for another reader (so the first norm
-    after the embedding is split too); repeat until nothing joins."""
+    after the embedding is split too); a split value joins itself, moving the split onto its input,
+    when only split ops and colwise linears read it and it has one operand spanning the sequence (so
+    the boundary stays one all-gather); repeat until nothing joins."""
     nodes = list(gm.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
-    seq = {by_name[name]: _source_dim(by_name[name], layout.tp) for name in layout.reduce_after}
+    sources = [by_name[name] for name in layout.reduce_after]
+    seq = {n: _source_dim(n, layout.tp) for n in sources}
     split: dict[fx.Node, int] = {}
     grown = True
     while grown:
@@ -324,10 +328,35 @@ def _sequence_regions(gm: fx.GraphModule, layout: Layout) -> tuple[dict[fx.Node,
             split.pop(node, None)
             split.update((a, d) for a, d in operands.items() if d is not None and a not in seq)
             grown = True
-    for node in seq:  # a later split may contradict an earlier decision
-        if node.name not in layout.reduce_after and _token_dims(node, seq, split) is None:
+        for value, d in list(split.items()):
+            operands = _hoisted(gm, value, d, seq, layout)
+            if operands is not None:
+                seq[value] = split.pop(value)
+                split.update((a, e) for a, e in operands.items() if e is not None)
+                grown = True
+    for node in seq.keys() - set(sources):  # a later split may contradict an earlier decision
+        if _token_dims(node, seq, split) is None:
             raise Unsupported(f"{node.name}: reads the sequence split on different dims")
-    return dict(sorted(seq.items(), key=lambda kv: index[kv[0]])), split
+    return {n: seq[n] for n in nodes if n in seq}, split
+
+
+def _hoisted(gm, value: fx.Node, d: int, seq, layout: Layout) -> dict[fx.Node, int | None] | None:
+    """Operand dims if replicated ``value``, read only by split ops and colwise linears, were computed
+    split on ``d`` instead: a pointwise op or norm with exactly one operand spanning the sequence."""
+    if not _replicated_op(value, layout) or not all(
+            u in seq or _is_colwise_read(gm, u, value, layout) or op_name(u) == "_assert_tensor_metadata"
+            for u in value.users):
+        return None
+    op = op_name(value)
+    x = value.args[0]
+    if op in _POINTWISE:
+        operands = {a: _aligned(a, d, len(_shape(value) or ())) for a in value.all_input_nodes}
+    elif op in ("layer_norm", "rms_norm") and d < len(_shape(x)) - len(value.args[1]):
+        operands = {a: None for a in value.all_input_nodes}
+        operands[x] = d
+    else:
+        return None
+    return operands if sum(e is not None for e in operands.values()) == 1 else None
 
 
 def _source_dim(node: fx.Node, tp: int) -> int:
@@ -342,9 +371,8 @@ def _source_dim(node: fx.Node, tp: int) -> int:
 
 
 def _replicated_op(node: fx.Node, layout: Layout) -> bool:
-    """A call that is replicated under plain tp and reads only replicated values (not a cone op)."""
-    return (node.op == "call_function" and node.name not in layout.reduce_after
-            and layout.placement.get(node.name) is None
+    """A call that reads and makes only replicated values under plain tp (not a cone op)."""
+    return (node.op == "call_function" and layout.placement.get(node.name) is None
             and all(layout.placement.get(a.name) is None for a in node.all_input_nodes))
 
 
@@ -352,28 +380,29 @@ def _token_dims(node: fx.Node, seq, split) -> tuple[int, dict[fx.Node, int | Non
     """(sequence dim of the output, sequence dim of each tensor operand or None where the operand
     does not span tokens) when ``node`` is token-wise and reads a value split on the sequence (or
     one already split for another reader), consistently with ``seq`` and ``split``; else None."""
+    def held(a):
+        return seq[a] if a in seq else split.get(a)
+
     op = op_name(node)
-    held = {**split, **seq}
     x = node.args[0] if node.args else None
     if op == "getitem":
         return (seq[x], {}) if x in seq else None
     if op in _POINTWISE:
         out_rank = len(_shape(node) or _shape(x) or ())
-        dims = {held[a] + out_rank - len(_shape(a)) for a in node.all_input_nodes if a in held}
+        dims = {held(a) + out_rank - len(_shape(a)) for a in node.all_input_nodes if held(a) is not None}
         if len(dims) != 1:
             return None
         d = dims.pop()
         operands = {a: _aligned(a, d, out_rank) for a in node.all_input_nodes}
-    elif op in _NORMS | _REDUCTIONS | _SOFTMAX and isinstance(x, fx.Node) and x in held:
-        d = held[x]
+    elif op in _NORMS | _REDUCTIONS | _SOFTMAX and isinstance(x, fx.Node) and held(x) is not None:
         operands = {a: None for a in node.all_input_nodes}
-        operands[x] = d
-        d = _token_reduction(node, op, d, len(_shape(x)))
+        operands[x] = held(x)
+        d = _token_reduction(node, op, held(x), len(_shape(x)))
         if d is None:
             return None
     else:
         return None
-    if any(a in held and held[a] != ad for a, ad in operands.items()):
+    if any(held(a) not in (None, ad) for a, ad in operands.items()):
         return None
     return d, operands
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from search.fold import Folding, fold, no_fold
 from search.graph import ModelGraph
-from search.placement import Cone, bias_of, megatron_cones, module_of, op_name, weight_of
+from search.placement import Cone, Unsupported, bias_of, megatron_cones, module_of, op_name, propagate, weight_of
 from search.seqpar import Attn
 
 COMPUTE_BOUND = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "convolution"}
@@ -224,6 +224,42 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
         if r.template is not None:
             r.keys = [c.key for c in choices if c.template == r.template]
     return Space(tp, base, block_inputs, block_acts, choices, regions)
+
+
+@dataclass
+class MegatronSP:
+    """What Megatron sequence parallelism changes in the full Megatron layout of a tp degree: the
+    token-wise nodes between cones run on 1/tp of the sequence (``delta``), at the price of the
+    boundary all-gathers (``gathers``: logical bytes) and the all-reduce of the gradients of the
+    replicated weights they read (``grad_sums``: parameter elements)."""
+
+    delta: Work
+    gathers: tuple[float, ...]
+    grad_sums: int
+
+
+def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
+    """Megatron-SP for the full layout of ``space`` (``search.placement.propagate(sequence=True)``),
+    or None when the graph does not allow it. O(nodes): it reads every instance."""
+    if space.tp == 1:
+        return None
+    styles = space.layout(space.all_sharded()).styles
+    try:
+        layout = propagate(mg.gm, styles, space.tp, sequence=True)
+    except Unsupported:
+        return None
+    nodes = {n.name: n for n in mg.gm.graph.nodes}
+    closers = set(layout.reduce_after)
+    delta = Work()
+    for name in layout.seq_dims:
+        node = nodes[name]
+        if name not in closers and "autopar" in node.meta:
+            in_block = bool(node.meta["autopar"].scope)
+            delta = delta + _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
+    gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather])
+    grad_sums = sum(math.prod(mg.param_shapes.get(nodes[n].target, ())) for n in layout.seq_grad_sum
+                    if nodes[n].op == "get_attr")
+    return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums)
 
 
 def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool) -> Work:

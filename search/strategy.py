@@ -45,7 +45,13 @@ def ilp_select(space: Space, price: Callable[[dict[str, int]], Candidate], limit
     for (key, part), on in zip(parts, picked):
         counts[key] = counts.get(key, 0) + part * on
     cand = price(counts)
-    cand.solver = {"status": sol.status, "gap": sol.gap or 0.0, "variables": sum(len(c) for c in problem.costs)}
+    # Megatron-SP applies to the full layout only (not linear in the cones): compare with it; when the
+    # ILP found nothing that fits, the full layout with Megatron-SP may still fit ("full-layout")
+    full = price(space.all_sharded())
+    if full.feasible and (not cand.feasible or full.step_time_s < cand.step_time_s):
+        cand = full
+    status = "full-layout" if sol.choice is None and cand.feasible else sol.status
+    cand.solver = {"status": status, "gap": sol.gap or 0.0, "variables": sum(len(c) for c in problem.costs)}
     return cand
 
 

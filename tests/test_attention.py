@@ -57,7 +57,7 @@ def _run_case(case, groups, rank: int, world: int, dtype) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from runtime.attention import sp_attention
+    from runtime.attention import kernel_calls, sp_attention
     from runtime.collectives import comm_stats
 
     variant, inner, layout, causal, h, hkv = case
@@ -75,12 +75,14 @@ def _run_case(case, groups, rank: int, world: int, dtype) -> dict:
     if inner:
         group, inner_group = groups["outer", inner], groups["inner", inner]
     comm_stats.reset()
+    kernel_calls.clear()
     out = sp_attention(*local, variant=variant, group=group, inner_group=inner_group, is_causal=causal,
                        layout=layout, seq_len=S)
     fwd = comm_stats.total_bytes()
     comm_stats.reset()
     out.backward(shard(dout))
-    res = {"out": (out.float() - shard(ref)).abs().max().item(), "bytes": (fwd, comm_stats.total_bytes())}
+    res = {"out": (out.float() - shard(ref)).abs().max().item(), "bytes": (fwd, comm_stats.total_bytes()),
+           "kernels": dict(kernel_calls)}
     for name, a, b in zip("qkv", local, full):
         res["d" + name] = (a.grad.float() - shard(b.grad)).abs().max().item()
     return res
@@ -130,6 +132,8 @@ def _check_case(world, case, dtype, tol):
         got = res["cases"][str(dtype), _key(case)]
         assert max(got[n] for n in ("out", "dq", "dk", "dv")) <= tol, (rank, got)
         assert tuple(got["bytes"]) == pytest.approx(expect, rel=1e-12, abs=0), (rank, got["bytes"], expect)
+        # every ring block pair takes the fused CPU op (Ulysses runs one fused SDPA, no block pairs)
+        assert "math" not in got["kernels"] and (variant == "ulysses") != ("fused" in got["kernels"]), got
 
 
 def _ids(x):
@@ -192,7 +196,7 @@ def test_ring_causal_work_per_rank(layout, balanced):
     runs = [_runs(positions(seq, p, r, layout)) for r in range(p)]
 
     def area(qruns, kruns):
-        return sum((qs.stop - qs.start) * (ks.stop - ks.start) for qs, ks, _ in _pairs(qruns, kruns, True, "cpu"))
+        return sum((qs.stop - qs.start) * (ks.stop - ks.start) for qs, ks, _ in _pairs(qruns, kruns, True))
 
     work = [sum(area(runs[r], runs[j]) for j in range(p)) for r in range(p)]
     assert (len(set(work)) == 1) == balanced, work
@@ -232,3 +236,62 @@ def test_single_process_degree_one(variant):
     assert max((a - b).abs().max().item() for a, b in zip(got, want)) <= TOL
     with pytest.raises(BadInput, match="needs inner_group"):
         sp_attention(q, k, v, variant="usp", group=None, is_causal=True, layout="zigzag", seq_len=8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_block_pairs_full_or_diagonal(layout):
+    """Causal pairs of runs (any two ranks, usp's Ulysses-group blocks too) are skipped, fully visible or
+    a run against itself: the fused op's top-left causal mask is exact on every pair that takes it."""
+    from runtime.attention import _pairs, _runs
+
+    p, seq = 4, 32
+    for blocks in ([positions(seq, p, r, layout) for r in range(p)],
+                   [torch.cat([positions(seq, p, 2 * i + j, layout) for j in (0, 1)]).sort().values
+                    for i in range(p // 2)]):
+        runs = [_runs(b) for b in blocks]
+        for r, j in ((r, j) for r in range(len(runs)) for j in range(len(runs))):
+            for qs, ks, diag in _pairs(runs[r], runs[j], True):
+                qpos, kpos = blocks[r][qs], blocks[j][ks]
+                if diag:
+                    assert r == j and torch.equal(qpos, kpos), (r, j, qs, ks)
+                else:
+                    assert kpos.max() < qpos.min(), (r, j, qs, ks)
+
+
+def _degree_one(variant, causal, layout):
+    """(out, (dq, dk, dv)) errors vs full SDPA of single-process sp_attention at degree 1, GQA, fp32."""
+    import torch.nn.functional as F
+
+    from runtime.attention import sp_attention
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, n, 16, 8, requires_grad=True) for n in (4, 2, 2))
+    out = sp_attention(q, k, v, variant=variant, group=None, is_causal=causal, layout=layout, seq_len=16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    return (out - ref).abs().max().item(), max((a - b).abs().max().item() for a, b in zip(got, want))
+
+
+def test_ring_takes_fused_op_zigzag_causal():
+    """Degree 1, zigzag causal: both halves' diagonals and the second half over the first (3 pairs) run on
+    torch's fused flash-attention op, forward and backward; the einsum path is never taken."""
+    from runtime.attention import kernel_calls
+
+    kernel_calls.clear()
+    errs = _degree_one("ring", True, "zigzag")
+    assert dict(kernel_calls) == {"fused": 3 + 3}, kernel_calls
+    assert max(errs) <= TOL, errs
+
+
+@pytest.mark.parametrize("causal", (True, False))
+def test_ring_math_path_exact(monkeypatch, causal):
+    """The einsum block kernels (non-CPU devices) stay exact: forced on CPU by clearing _FUSED_DEVICES."""
+    import runtime.attention as attention
+
+    monkeypatch.setattr(attention, "_FUSED_DEVICES", ())
+    attention.kernel_calls.clear()
+    errs = _degree_one("ring", causal, "zigzag")
+    assert dict(attention.kernel_calls) == {"math": 6 if causal else 2}, attention.kernel_calls
+    assert max(errs) <= TOL, errs

@@ -1,15 +1,19 @@
-"""apply_chunk (passes/chunk.py): chunked regions match the unchunked graph (loss and every parameter
-gradient, fp32) for MLPs, query-chunked attention, LM head + cross-entropy and the Evoformer's pair
-updates, with chunk counts that do and do not divide the axis; composed with tensor parallelism on two
-gloo ranks (one launch); the measured peak memory of a training step falls as predicted from shapes;
-regions that cannot be chunked raise a ChunkError naming the node.
+"""apply_chunk (passes/chunk.py; the analysis is search/chunkflow.py): chunked regions match the
+unchunked graph (loss and every parameter gradient, fp32) for MLPs, query-chunked attention, LM head +
+cross-entropy and the Evoformer's pair updates, with chunk counts that do and do not divide the axis;
+a plan's chunking entries (search.chunking) applied after tensor parallelism and after Ulysses sequence
+parallelism on two gloo ranks (one launch); the measured peak memory of a training step falls as
+predicted from shapes; regions that cannot be chunked raise a ChunkError naming the node.
 
 Memory is measured with a TorchDispatchMode that counts the bytes of every tensor storage an aten op
 creates until its last tensor dies: forward, backward, the recomputation under checkpoint and gradient
 buffers, as an allocator would see them (minus kernel-internal scratch). Prediction: in backward a
 region peaks at its largest intermediate u (an MLP's hidden activation, the logits, attention weights):
 the tensor saved for that op's backward, the gradient arriving and the gradient leaving coexist, 3u.
-Chunking k ways makes that 3u / k, so the step's peak falls by 3u (1 - 1/k).
+Chunking k ways makes that 3u / k, so the step's peak falls by 3u (1 - 1/k) when that region's backward
+sets it (one block here; search/chunking.py has the deeper cases, where the saved activations dominate).
+LiveBytes also counts a parameter's storage while a ``t()`` view of it lives, an artifact the tolerance absorbs
+(tests/test_chunking.py excludes parameter storages).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from torch.utils._pytree import tree_leaves
 from examples.evoformer import Evoformer, EvoformerConfig, example_inputs
 from examples.gpt import GPT, GPTConfig
 from examples.zoo import build
-from passes.chunk import ChunkError, ChunkedRegion, apply_chunk, chunk_flow, region_between, scope_region
+from passes.chunk import ChunkedRegion, apply_chunk
 from planner.capture import capture
+from search.chunkflow import ChunkError, chunk_flow, region_between, scope_region
 from tests.distributed import run_ranks
 
 TOL = 1e-5
@@ -55,20 +60,17 @@ def _step(gm, args) -> tuple[torch.Tensor, dict]:
     return loss.detach(), {n: p.grad.clone() for n, p in gm.named_parameters()}
 
 
-def _nodes(gm, scope: str) -> list[str]:
-    return scope_region(gm, scope)
-
-
 def _attention(gm, attn: str, proj: str) -> list[str]:
     """Query path of ``attn``: its first view (q's) through SDPA to the output projection."""
-    q_view = next(n.name for n in gm.graph.nodes if n.name in _nodes(gm, attn) and n.target == torch.ops.aten.view.default)
-    return region_between(gm, q_view, _nodes(gm, proj)[0])
+    names = scope_region(gm, attn)
+    q_view = next(n.name for n in gm.graph.nodes if n.name in names and n.target == torch.ops.aten.view.default)
+    return region_between(gm, q_view, scope_region(gm, proj)[0])
 
 
 def _loss_head(gm, head: str) -> list[str]:
     """The head's linear through the cross-entropy."""
     loss = next(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default)
-    return region_between(gm, _nodes(gm, head)[0], loss)
+    return region_between(gm, scope_region(gm, head)[0], loss)
 
 
 def _tri_mul(gm):  # the per-row part: everything but the input norm and the edge b every row needs
@@ -76,23 +78,30 @@ def _tri_mul(gm):  # the per-row part: everything but the input norm and the edg
 
 
 def _col_attention(gm):  # attention around the ending node, with the transpose back to [B, i, j, c]
-    return _nodes(gm, "blocks.1.col_attn.attn") + [_nodes(gm, "blocks.1.col_attn")[-1]]
+    return scope_region(gm, "blocks.1.col_attn.attn") + [scope_region(gm, "blocks.1.col_attn")[-1]]
+
+
+def _spatial_attention(gm):  # from the [B, T, N, H] -> [B*T, N, H] reshape: frames merged with the batch
+    attn = scope_region(gm, "blocks.0.attn")
+    first = next(n for n in gm.graph.nodes if n.name == attn[0])
+    return [first.args[0].name] + attn
 
 
 # (model, case, region, dim of the anchor, chunk counts, expected output dims)
 CASES = [
-    ("gpt-tiny", "mlp", lambda gm: _nodes(gm, "blocks.0.mlp"), 1, (4, 5, 32), [1]),
+    ("gpt-tiny", "mlp", lambda gm: scope_region(gm, "blocks.0.mlp"), 1, (4, 5, 32), [1]),
     ("gpt-tiny", "attention", lambda gm: _attention(gm, "blocks.1.attn", "blocks.1.attn.proj"), 1, (3, 7), [1]),
     ("gpt-tiny", "lm_head+ce", lambda gm: _loss_head(gm, "lm_head"), 1, (3, 5), ["mean"]),
-    ("llama-tiny", "mlp", lambda gm: _nodes(gm, "layers.1.mlp"), 1, (3,), [1]),
+    ("llama-tiny", "mlp", lambda gm: scope_region(gm, "layers.1.mlp"), 1, (3,), [1]),
     ("llama-tiny", "attention", lambda gm: _attention(gm, "layers.0.self_attn", "layers.0.self_attn.o_proj"),
      1, (5,), [1]),
     ("llama-tiny", "lm_head+ce", lambda gm: _loss_head(gm, "lm_head"), 1, (6,), ["mean"]),
     ("evoformer-tiny", "tri_mul rows", _tri_mul, 1, (5,), [1]),
-    ("evoformer-tiny", "row attention", lambda gm: _nodes(gm, "blocks.0.row_attn.attn"), 1, (2, 5), [1]),
+    ("evoformer-tiny", "row attention", lambda gm: scope_region(gm, "blocks.0.row_attn.attn"), 1, (2, 5), [1]),
     ("evoformer-tiny", "column attention", _col_attention, 1, (5,), [2]),
-    ("evoformer-tiny", "transition columns", lambda gm: _nodes(gm, "blocks.1.transition"), 2, (7,), [2]),
+    ("evoformer-tiny", "transition columns", lambda gm: scope_region(gm, "blocks.1.transition"), 2, (7,), [2]),
     ("evoformer-tiny", "distogram+ce", lambda gm: _loss_head(gm, "head"), 1, (5,), ["mean"]),
+    ("dit-tiny", "frames through spatial attention", _spatial_attention, 1, (3,), [0]),
 ]
 
 
@@ -119,12 +128,23 @@ def test_flow_finds_sliced_and_whole_inputs():
     the LM head's targets are sliced through their flattening view (batch x sequence merged)."""
     gm, _ = _captured("llama-tiny")
     flow = chunk_flow(gm, _attention(gm, "layers.0.self_attn", "layers.0.self_attn.o_proj"), 1)
-    sliced = {n.name: flow.dims[n] for n in flow.inputs if n in flow.dims}
-    assert sorted(d.pos for d in sliced.values()) == [0, 0, 1]  # cos, sin [T, hd] and q's linear [B, T, C]
+    # cos, sin [T, hd] along dim 0 and q's projection [B, T, C] along dim 1
+    assert sorted(flow.dims[n].pos for n in flow.inputs if n in flow.dims) == [0, 0, 1]
     assert sum(n.op == "call_function" and n not in flow.dims for n in flow.inputs) == 2  # k, v
     flow = chunk_flow(gm, _loss_head(gm, "lm_head"), 1)
     targets = next(n for n in flow.inputs if n.meta["val"].dtype == torch.long)
     assert flow.dims[targets] == (0, 2, 1, False)  # dim 0 of [B*T] = 2 x T x 1
+
+
+def test_mean_loss_counts_ignored_targets_per_chunk():
+    """The token mean is sum / count over chunks: a chunk whose targets are all ignored adds nothing."""
+    gm, (ids, targets) = _captured("gpt-tiny")
+    targets = targets.clone()
+    targets[:, :12] = -100  # the first of 4 chunks (8 tokens) is all ignored, the second half
+    ref_loss, ref_grads = _step(gm, (ids, targets))
+    loss, grads = _step(apply_chunk(_copy(gm), _loss_head(gm, "lm_head"), 1, 4), (ids, targets))
+    assert (loss - ref_loss).abs().item() <= TOL
+    assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) <= TOL
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -132,19 +152,19 @@ def test_flow_finds_sliced_and_whole_inputs():
 def test_reduced_dim_names_the_node():
     gm, _ = _captured("gpt-tiny")
     with pytest.raises(ChunkError, match=r"cannot chunk linear_2 \(linear\): it reduces or mixes dim 2"):
-        chunk_flow(gm, _nodes(gm, "blocks.0.mlp"), 2)  # the hidden dim is contracted by fc
+        chunk_flow(gm, scope_region(gm, "blocks.0.mlp"), 2)  # the hidden dim is contracted by fc
     with pytest.raises(ChunkError, match=r"cannot chunk layer_norm_1 \(layer_norm\)"):
-        chunk_flow(gm, _nodes(gm, "blocks.0.ln_2") + _nodes(gm, "blocks.0.mlp"), 2)
+        chunk_flow(gm, scope_region(gm, "blocks.0.ln_2") + scope_region(gm, "blocks.0.mlp"), 2)
     with pytest.raises(ChunkError, match=r"scaled_dot_product_attention_1 .* mixes dim 2 of transpose_\d+"):
-        chunk_flow(gm, _nodes(gm, "blocks.1.attn"), 1)  # keys chunked along with the queries
+        chunk_flow(gm, scope_region(gm, "blocks.1.attn"), 1)  # keys chunked along with the queries
     llama, _ = _captured("llama-tiny")
     with pytest.raises(ChunkError, match=r"cannot chunk mean_\d+ \(mean\): it reduces the chunked axis and add_\d+"):
-        chunk_flow(llama, _nodes(llama, "layers.1.input_layernorm"), 2)  # RMSNorm's mean is used inside
+        chunk_flow(llama, scope_region(llama, "layers.1.input_layernorm"), 2)  # RMSNorm's mean is used inside
 
 
 def test_bad_regions_and_counts_are_clear():
     gm, _ = _captured("gpt-tiny")
-    mlp = _nodes(gm, "blocks.0.mlp")
+    mlp = scope_region(gm, "blocks.0.mlp")
     with pytest.raises(ChunkError, match="between 1 and the axis length 32, got 33"):
         apply_chunk(_copy(gm), mlp, 1, 33)
     with pytest.raises(ChunkError, match=r"unknown nodes: \['nope'\]"):
@@ -153,43 +173,85 @@ def test_bad_regions_and_counts_are_clear():
         chunk_flow(gm, mlp, 3)
     evo, _ = _captured("evoformer-tiny")  # the bias projection runs between the norm and the attention
     with pytest.raises(ChunkError, match="not convex"):
-        chunk_flow(evo, _nodes(evo, "blocks.0.row_attn.norm") + _nodes(evo, "blocks.0.row_attn.attn"), 1)
+        chunk_flow(evo, scope_region(evo, "blocks.0.row_attn.norm") + scope_region(evo, "blocks.0.row_attn.attn"), 1)
 
 
 # --------------------------------------------------------------------------------------- tensor parallel
 
 def _tp_rank(rank: int, world: int) -> dict:
-    """gpt-tiny, Megatron tp=2, then block 0's MLP and block 1's attention chunked: loss and gradients
-    (shards against the matching shard of the single-process gradient)."""
+    """gpt-tiny, Megatron tp=2, then chunked as a plan says: every region ``search.chunking`` found on the
+    single-process capture (attention, MLP of each block, LM head + loss), matched on the tensor-parallel
+    graph by scope. Loss and gradients (shards against the matching shard of the single-process one)."""
     import torch.distributed as dist
 
+    from passes.chunk import apply_chunking
     from passes.tp import apply_tp, shard_tensor
+    from search.chunking import chunk_regions
     from search.placement import choose_styles, propagate
 
     model, args, _ = build("gpt-tiny", batch=2, device="cpu", seed=0)
-    ref_loss, ref_grads = _step(capture(copy.deepcopy(model), args).gm, args)
+    planned = capture(copy.deepcopy(model), args)
+    ref_loss, ref_grads = _step(planned.gm, args)
+    entries = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": 3 + i} for i, r in
+               enumerate(chunk_regions(planned))]
     gm = capture(model, args).gm
     styles = choose_styles(gm, world)
     shards = propagate(gm, styles, world).param_shards
     apply_tp(gm, styles, dist.group.WORLD, world, rank)
-    apply_chunk(gm, _nodes(gm, "blocks.0.mlp"), 1, 3)
-    apply_chunk(gm, _attention(gm, "blocks.1.attn", "blocks.1.attn.proj"), 1, 5)
+    apply_chunking(gm, entries)
     loss, grads = _step(gm, args)
     diffs = {}
     for name, g in grads.items():
         want = shard_tensor(ref_grads[name], *shards[name], world, rank) if name in shards else ref_grads[name]
         diffs[name] = (g - want).abs().max().item()
     return {"loss": abs(loss.item() - ref_loss.item()), "grads": diffs, "sharded": sorted(shards),
-            "chunked": [n for n, m in gm.named_modules() if isinstance(m, ChunkedRegion)]}
+            "entries": [(e["kind"], e["scope"]) for e in entries],
+            "chunked": [m.chunks for m in gm.modules() if isinstance(m, ChunkedRegion)],
+            "sp": _sp_checks(model, args, entries, rank, world)}
 
 
-def test_chunk_after_tensor_parallel_matches_one_process():
+def _sp_checks(model, args, entries, rank: int, world: int) -> dict:
+    """After Ulysses sequence parallelism (zig-zag, sp=2): the MLP and LM-head entries give this rank's
+    loss and gradients of the unchunked sp graph; the attention entry, whose attention sp replaced,
+    is refused."""
+    import torch.distributed as dist
+
+    from passes.chunk import apply_chunking
+    from passes.sp import apply_sp
+    from runtime.attention import positions
+    from search.errors import BadInput
+
+    local = tuple(a[:, positions(32, world, rank, "zigzag")] for a in args)
+
+    def sp_graph():
+        gm = capture(copy.deepcopy(model), args).gm
+        return apply_sp(gm, variant="ulysses", layout="zigzag", seq_len=32, sp=world, rank=rank,
+                        group=dist.group.WORLD)
+
+    ref_loss, ref_grads = _step(sp_graph(), local)
+    gm = apply_chunking(sp_graph(), [e for e in entries if e["kind"] != "attention"])
+    loss, grads = _step(gm, local)
+    try:
+        apply_chunking(sp_graph(), [e for e in entries if e["kind"] == "attention"])
+        refused = ""
+    except BadInput as exc:
+        refused = str(exc)
+    return {"loss": abs(loss.item() - ref_loss.item()), "grad": max((grads[n] - ref_grads[n]).abs().max().item()
+                                                                    for n in grads),
+            "chunked": sum(isinstance(m, ChunkedRegion) for m in gm.modules()), "refused": refused}
+
+
+def test_chunking_after_tensor_or_sequence_parallel_matches():
     for rank, r in enumerate(run_ranks(_tp_rank, 2, timeout=120)):
-        assert r["chunked"] == ["chunked_linear_2", "chunked_view_4"], r["chunked"]
+        assert r["entries"] == [("attention", "blocks.*.attn"), ("mlp", "blocks.*.mlp"), ("lm_head_loss", "lm_head")]
+        assert sorted(r["chunked"]) == [3, 3, 4, 4, 5], r["chunked"]  # two blocks, one head
         assert "blocks.0.mlp.fc.weight" in r["sharded"] and "blocks.1.attn.qkv.weight" in r["sharded"]
         assert r["loss"] <= TOL, f"rank {rank}: loss differs by {r['loss']:.3g}"
         worst = max(r["grads"], key=r["grads"].get)
         assert r["grads"][worst] <= TOL, f"rank {rank}: grad of {worst} differs by {r['grads'][worst]:.3g}"
+        sp = r["sp"]
+        assert sp["chunked"] == 3 and sp["loss"] <= TOL and sp["grad"] <= TOL, sp
+        assert "matches nothing" in sp["refused"] and "sequence parallelism" in sp["refused"], sp["refused"]
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -257,13 +319,13 @@ def _evoformer():
     torch.manual_seed(0)
     args = example_inputs(cfg, 1, "cpu")
     gm = capture(Evoformer(cfg), args).gm
-    return apply_chunk(gm, _nodes(gm, "blocks.0.col_attn.attn"), 1, 8), args
+    return apply_chunk(gm, scope_region(gm, "blocks.0.col_attn.attn"), 1, 8), args
 
 
 MEMORY = [
-    ("mlp", lambda: _gpt(vocab=64, seq=256, ffn=1024), lambda gm: _nodes(gm, "blocks.0.mlp")),
+    ("mlp", lambda: _gpt(vocab=64, seq=256, ffn=1024), lambda gm: scope_region(gm, "blocks.0.mlp")),
     ("lm_head+ce", lambda: _gpt(vocab=4096, seq=128), lambda gm: _loss_head(gm, "lm_head")),
-    ("evoformer row attention", _evoformer, lambda gm: _nodes(gm, "blocks.0.row_attn.attn")),
+    ("evoformer row attention", _evoformer, lambda gm: scope_region(gm, "blocks.0.row_attn.attn")),
 ]
 
 

@@ -13,7 +13,7 @@ import pytest
 from tests.distributed import launch_once
 
 TOL = 1e-5
-CASES = {2: [("gpt-tiny", 1, 2), ("llama-tiny", 1, 2)],          # (model, dp, tp)
+CASES = {2: [("gpt-tiny", 1, 2), ("llama-tiny", 1, 2), ("bert-tiny", 1, 2)],  # (model, dp, tp)
          4: [("gpt-tiny", 1, 4), ("llama-tiny", 1, 4), ("gpt-tiny", 2, 2), ("llama-tiny", 2, 2)]}
 
 
@@ -66,14 +66,15 @@ def _run(name: str, dp: int, tp: int, sequence: bool, mesh) -> dict:
     for p in gm.parameters():
         all_reduce(p.grad, mesh.group("dp"))
         p.grad /= dp
-    p = tp - 1
-    boundary = sum(p * shapes[v].numel() * 4 // tp for v in (*layout.seq_split, *layout.seq_gather))
-    grad_sum = sum(2 * p * shapes[v].numel() * 4 // tp for v in layout.seq_grad_sum)
+    boundary = sum((tp - 1) * shapes[v].numel() * 4 // tp for v in (*layout.seq_split, *layout.seq_gather))
+    summed = [shapes[v].numel() for v in layout.seq_grad_sum]  # + rowwise biases, added on 1/tp of the tokens
+    summed += [model.get_parameter(b).numel() for b in layout.bias_after_reduce.values()]
+    grad_sum = sum(2 * (tp - 1) * k * 4 // tp for k in summed)
     return {"loss": all_reduce_mean_scalar(loss, mesh.group("dp")).item(), "gm": gm, "layout": layout,
             "stats": stats, "saved": saved.total, "boundary": boundary, "grad_sum": grad_sum}
 
 
-def _check_case(name: str, dp: int, tp: int, rank: int) -> dict:
+def _check_case(name: str, dp: int, tp: int) -> dict:
     from examples.zoo import build
     from passes.tp import shard_tensor
     from runtime.mesh import Mesh
@@ -111,7 +112,7 @@ def _all_cases(rank, world):
     out = {}
     for name, dp, tp in CASES[world]:
         try:
-            out[(name, dp, tp)] = _check_case(name, dp, tp, rank)
+            out[(name, dp, tp)] = _check_case(name, dp, tp)
         except Exception as exc:  # ranks may disagree on the next collective: stop this launch
             raise RuntimeError(f"case {name} dp={dp} tp={tp} failed on rank {rank}") from exc
     return out

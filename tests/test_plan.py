@@ -32,7 +32,7 @@ def example_plan_dict(**over) -> dict:
                      "stages": [{"layers": [0, 1]}, {"layers": [2]}]},
         "tensor_parallel": tp,
         "templates": [{"name": "block", "count": 3}],
-        "chunking": {},
+        "chunking": [],
         "recompute": "selective",
         "predicted": {
             "step_time_s": 0.123456789, "peak_memory_bytes": 21474836480, "comm_bytes": 987654321,
@@ -97,7 +97,7 @@ def test_byte_identical_regardless_of_insertion_order():
     assert text.endswith("}\n") and not text.endswith("\n\n")
     keys = list(json.loads(text))
     assert keys == ["version", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees",
-                    "pipeline", "tensor_parallel", "sequence_parallel", "templates", "chunking", "recompute", "predicted",
+                    "pipeline", "tensor_parallel", "megatron_sp", "sequence_parallel", "templates", "chunking", "recompute", "predicted",
                     "search", "alternatives", "warnings"]
     assert list(json.loads(text)["degrees"]) == ["dp", "tp", "pp", "sp", "zero"]
     assert text.startswith('{\n  "version": 1,\n')
@@ -229,7 +229,7 @@ def test_deeply_nested_json_bomb(tmp_path):
     for _ in range(30):
         cur["x"] = {}
         cur = cur["x"]
-    d["chunking"] = nest
+    d["templates"] = nest
     _bad(d, "nesting")
     path = tmp_path / "deep.json"
     path.write_text('{"version": 1, "templates": ' + "[" * 5000 + "]" * 5000 + "}")
@@ -308,7 +308,7 @@ def test_diff_names_moved_decisions_and_deltas():
     d["pipeline"].update(schedule="none", microbatches=1, microbatch_size=8, stages=[{"layers": [0, 1, 2]}])
     for i in range(3):
         d["tensor_parallel"][f"h.{i}.mlp.c_fc"]["style"] = "rowwise"
-    d["chunking"] = {"lm_head": 4}
+    d["chunking"] = [{"kind": "lm_head_loss", "scope": "lm_head", "dim": 0, "chunks": 4}]
     d["predicted"]["step_time_s"] = 0.123456789 * 1.1
     d["predicted"]["peak_memory_bytes"] = 21474836480 // 2
     d["search"]["seconds"] = 12.5

@@ -174,7 +174,10 @@ def test_tp_all_reduce_bytes_match_hand_computation():
     """gpt-tiny (h=64, s=32, 2 layers), bf16, 2 devices, global batch 2, ZeRO 0.
 
     tp=2, dp=1: per layer Megatron all-reduces 4 tensors of b·s·h elements (ln_1 output into qkv and
-    ln_2 output into fc in backward; proj and mlp.proj outputs in forward), each 2(p-1)/p of its bytes.
+    ln_2 output into fc in backward; proj and mlp.proj outputs in forward), each 2(p-1)/p of its bytes
+    (with Megatron-SP: as all-gather + reduce-scatter pairs, the same volume). Megatron-SP adds two
+    all-gathers of b·s·h ((p-1)/p: where the embedding enters split, before the LM head) and the
+    all-reduce of the layer norms' gradients (5 norms × (weight + bias) × h, bf16).
     tp=1, dp=2: the gradient all-reduce, 2(p-1)/p of params × 2 bytes, plus the fp32 loss all-reduce
     (4 bytes) that reports the dp-mean loss.
     """
@@ -183,8 +186,10 @@ def test_tp_all_reduce_bytes_match_hand_computation():
                                          fix={"tp": 2, "zero": 0}).to_json())
     assert tp2["degrees"]["tp"] == 2 and tp2["degrees"]["dp"] == 1
     p = 2
+    assert tp2["megatron_sp"]
     expected_tp = 4 * layers * (2 * (p - 1) / p) * (b * s * h * bf16)
-    assert tp2["predicted"]["comm_bytes"] == int(expected_tp) == 65536
+    expected_msp = 2 * (p - 1) / p * (b * s * h * bf16) + 2 * (p - 1) / p * (5 * 2 * h * bf16)
+    assert tp2["predicted"]["comm_bytes"] == int(expected_tp + expected_msp) == 65536 + 9472
 
     tp1 = json.loads(make_plan_from_spec("gpt-tiny", cluster="a100-80g", devices=2, global_batch=b,
                                          fix={"tp": 1, "zero": 0}).to_json())

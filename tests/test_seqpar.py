@@ -181,3 +181,30 @@ def test_dit_refuses_token_attention_variants_with_reason():
 
     with pytest.raises((BadInput, Infeasible), match="shards by DSP"):
         make_plan_from_spec("dit-tiny", cluster="a100-80g", devices=8, fix={"sp": 4, "attention": "ring"})
+
+
+# ------------------------------------------------------------ Megatron sequence parallelism (inside tp)
+
+def test_megatron_sp_priced_for_the_full_layout():
+    from search.placement import megatron_sp_nodes
+    from search.space import build_space, megatron_sp
+
+    mg = _graph("gpt-tiny")
+    space = build_space(mg, 2)
+    msp = megatron_sp(mg, space)
+    names = megatron_sp_nodes(mg.gm, space.layout(space.all_sharded()).styles, 2)
+    nodes = {n.name: n for n in mg.gm.graph.nodes}
+    saved = sum(nodes[n].meta["autopar"].output_bytes for n in names
+                if nodes[n].meta["autopar"].bwd_flops and nodes[n].meta["autopar"].op not in ("view", "reshape"))
+    assert names and msp.delta.act_bytes == pytest.approx(-saved / 2)  # these activations halve under tp=2
+    assert msp.delta.fwd_flops == 0  # only token-wise, memory-bound work moves
+    assert len(msp.gathers) == 2  # the embedding enters split, the LM head reads it gathered
+    plan = make_plan_from_spec("gpt2-small", cluster="a100-80g", devices=8, fix={"tp": 4})
+    assert plan.megatron_sp and "megatron-sp" in plan.explain()
+
+
+def test_megatron_sp_off_where_tp_rows_are_flattened():
+    # Hugging Face GPT-2 projects [B·S, H] rows (addmm): the sequence dim is not at dim 1
+    plan = make_plan_from_spec("hf:gpt2:n_layer=2,n_embd=64,n_head=4,vocab_size=128", cluster="a100-80g",
+                               devices=8, seq_len=32, fix={"tp": 2, "dp": 4})
+    assert plan.degrees["tp"] == 2 and not plan.megatron_sp

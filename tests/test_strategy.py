@@ -43,7 +43,8 @@ def test_ilp_rediscovers_megatron_under_memory_pressure():
     assert sharded.peak_memory < replicated.peak_memory
     # a limit only the full Megatron layout meets
     win = _best(mg, cl, select=ilp_select, global_batch=8, fix=fix, memory_limit=sharded.peak_memory * 1.0001)
-    assert win.feasible and win.solver["status"] == "optimal"
+    # the full layout's Megatron-SP savings are not linear in the cones: ilp_select compares with it
+    assert win.feasible and win.solver["status"] in ("optimal", "full-layout")
     expected = {}
     for i in range(2):
         expected[f"blocks.{i}.attn.qkv"] = ("colwise", 3)

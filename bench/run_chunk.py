@@ -1,0 +1,449 @@
+"""Benchmark: AutoChunk — measured activation memory and step time, chunked vs unchunked, and the longest
+sequence that fits a memory limit, on a long-sequence GPT and an Evoformer-like pair stack.
+
+    .venv/bin/python bench/run_chunk.py [--quick]     # writes bench/results/chunk.json, prints rich tables
+
+One process, CPU, fp32, batch 1. Per model: capture the model (``planner.capture.capture``), take every
+region ``search.chunking.chunk_regions`` finds, and apply all of them with ``passes.chunk.apply_chunking``
+chunked k ways, one configuration per k in ``KS`` (plus k = 1: every region under checkpoint as one chunk,
+i.e. the recompute alone, without splitting anything). Each configuration is a fresh capture of a copy of
+the same model (same weights, same inputs). A step is zero_grad + forward + backward (no optimizer step).
+
+MEASURED
+* Activation peak: one step under ``ActivationBytes``, the live-storage counter of ``tests/test_chunk.py``
+  (a TorchDispatchMode that adds a storage's bytes when an aten op creates it and subtracts them when its
+  last tensor dies) copied here. Parameter and input storages are never counted; the storages that end up
+  as parameter gradients (``p.grad``) are taken out of the timeline afterwards (they are identified at the
+  end of the step, and removed from the moment they were created). What is left: saved activations,
+  temporaries, recomputed chunk intermediates and activation gradients, as an allocator would see them
+  minus kernel-internal scratch and fragmentation. "after fwd" is what is alive when the forward returns.
+* Step time: every configuration takes turns step by step (A/B alternation, the starting configuration
+  rotating each round), ``WARMUP`` rounds then ``STEPS`` timed ones; per configuration the median step
+  time, and the slowdown as the median over rounds of (this configuration's step / the unchunked step of
+  the same round) - 1. All cores (torch's default thread count).
+* Loss (every step) within 1e-5 of the unchunked loss; the largest parameter-gradient difference is shown.
+* Longest fit: the largest sequence (GPT) or residue count N (Evoformer) whose activation peak stays within
+  ``LIMIT`` = the unchunked activation peak at the base size, unchunked and chunked with the k that had the
+  lowest peak at the base size (the same entries, the same k). Search by measurement: doubling from the
+  base size, then bisection on multiples of ``GRAIN``. A probe stops as soon as the live bytes exceed the
+  limit by more than the parameters' bytes (so no run is allowed to grow far past it).
+
+PREDICTED: the cost model's drop for the same configuration, sum over regions of
+``instances * (act_bytes - chunk_memory(region, k))`` (the saved activations chunking frees; a lower bound
+of the drop after the forward, see search/chunking.py), next to the measured drops (after fwd, step peak).
+
+Target (the issue): >= 60 % activation-memory reduction at <= 15 % slowdown on at least two models.
+``--quick``: 1 warm-up + 3 timed rounds and a coarser bisection grain. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+SEED = 0
+BATCH = 1
+KS = (2, 4, 8, 16)
+LOSS_TOL = 1e-5
+TARGET_REDUCTION, TARGET_SLOWDOWN = 0.60, 0.15
+# name -> (zoo preset whose config is replaced, config changes, base size, size field, bisection grain (full, quick))
+MODELS = {
+    "gpt": ("gpt-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4), 4096, "seq", (128, 1024)),
+    "evoformer": ("evoformer-tiny", dict(in_channels=16, pair=32, heads=4, tri=32, blocks=2, bins=32), 256,
+                  "residues", (16, 64)),
+}
+RESULTS = ROOT / "bench" / "results" / "chunk.json"
+MiB = 2 ** 20
+
+
+# --------------------------------------------------------------------------------------------- model
+def build(name: str, size: int):
+    """(model, args) on the CPU: the zoo preset's config with ``MODELS[name]`` changes at ``size`` tokens
+    (GPT) or residues (Evoformer), seed ``SEED``, batch ``BATCH``."""
+    from examples import zoo
+    from examples.evoformer import Evoformer, example_inputs
+    from examples.gpt import GPT
+
+    preset, changes, _, field, _ = MODELS[name]
+    cfg = dataclasses.replace(zoo.get(preset).config, **changes, **{field: size})
+    torch.manual_seed(SEED)
+    if name == "evoformer":
+        return Evoformer(cfg), example_inputs(cfg, BATCH, "cpu", SEED)
+    model = GPT(cfg)
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(0, cfg.vocab, (BATCH, size), generator=g)
+    tgt = torch.randint(0, cfg.vocab, (BATCH, size), generator=g)
+    return model, (ids, tgt)
+
+
+def describe(name: str, model) -> str:
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    if name == "gpt":
+        return f"GPT h={c.hidden} l={c.layers} heads={c.heads} V={c.vocab} ({n:.1f}M)"
+    return f"Evoformer c_z={c.pair} tri={c.tri} heads={c.heads} blocks={c.blocks} bins={c.bins} ({n:.2f}M)"
+
+
+def entries(regions, k: int) -> list[dict]:
+    return [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in regions]
+
+
+def graph(model, args, chunking: list[dict] | None):
+    """A fresh capture of a copy of ``model``, chunked as ``chunking`` says (None: unchunked)."""
+    from passes.chunk import apply_chunking
+    from planner.capture import capture
+
+    gm = capture(copy.deepcopy(model), args).gm
+    return apply_chunking(gm, chunking) if chunking else gm
+
+
+# --------------------------------------------------------------------------------------------- memory
+class Exceeded(Exception):
+    pass
+
+
+class ActivationBytes(TorchDispatchMode):
+    """Live bytes of the storages aten ops create under this mode (``tests/test_chunk.LiveBytes``), minus
+    ``exclude`` (parameter and input storages), with a timeline so that the storages that become parameter
+    gradients can be taken out afterwards (:meth:`activation_peak`). ``abort_above``: raise
+    :class:`Exceeded` as soon as the live bytes exceed it."""
+
+    def __init__(self, exclude: set[int], abort_above: float | None = None):
+        super().__init__()
+        self.exclude = exclude
+        self.abort_above = abort_above
+        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors, storage id]
+        self.events: list[tuple[int, int]] = []  # (storage id, +bytes | -bytes)
+        self.live = self.peak = 0
+        self.sids = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                self._track(t)
+        if self.abort_above is not None and self.live > self.abort_above:
+            raise Exceeded(f"{self.live} live bytes > {self.abort_above:.0f}")
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key in self.exclude:
+            return
+        if key not in self.refs:
+            nbytes = t.untyped_storage().nbytes()
+            self.refs[key] = [nbytes, 0, self.sids]
+            self.events.append((self.sids, nbytes))
+            self.sids += 1
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.live -= entry[0]
+            self.events.append((entry[2], -entry[0]))
+            del self.refs[key]
+
+    def activation_peak(self, grads: set[int]) -> tuple[int, int, int]:
+        """(peak bytes, the event index it is reached at, grad bytes) without the storages (alive now) at
+        the addresses ``grads``."""
+        skip = {self.refs[k][2] for k in grads if k in self.refs}
+        grad_bytes = sum(self.refs[k][0] for k in grads if k in self.refs)
+        live = peak = at = 0
+        for i, (sid, delta) in enumerate(self.events):
+            if sid in skip:
+                continue
+            live += delta
+            if live > peak:
+                peak, at = live, i
+        return peak, at, grad_bytes
+
+
+def measure_memory(gm, args, abort_above: float | None = None) -> dict:
+    """One step of ``gm`` under :class:`ActivationBytes`: the activation peak, what is alive after the
+    forward, where the peak is (forward / backward), and the loss. With ``abort_above``, a step whose live
+    bytes pass it is stopped: {"exceeded": "forward" | "backward"}."""
+    params = {p.untyped_storage().data_ptr() for p in gm.parameters()}
+    inputs = {a.untyped_storage().data_ptr() for a in args}
+    for p in gm.parameters():
+        p.grad = None
+    gc.collect()
+    mode = ActivationBytes(params | inputs, abort_above)
+    phase = "forward"
+    t0 = time.perf_counter()
+    try:
+        with mode:
+            loss = gm(*args)
+            after_fwd, fwd_events = mode.live, len(mode.events)
+            phase = "backward"
+            loss.backward()
+            grads = {p.grad.untyped_storage().data_ptr() for p in gm.parameters() if p.grad is not None}
+            peak, at, grad_bytes = mode.activation_peak(grads)
+            raw_peak = mode.peak
+    except Exception as exc:  # noqa: BLE001 - the autograd engine may wrap what the mode raised
+        if not isinstance(exc, Exceeded) and "live bytes >" not in str(exc):
+            raise
+        loss = None
+        for p in gm.parameters():
+            p.grad = None
+        gc.collect()
+        return {"exceeded": phase, "seconds": time.perf_counter() - t0}
+    out = {"peak_bytes": peak, "after_forward_bytes": after_fwd, "peak_in": "forward" if at < fwd_events else "backward",
+           "peak_with_grads_bytes": raw_peak, "grad_bytes": grad_bytes, "loss": loss.item(),
+           "seconds": time.perf_counter() - t0}
+    for p in gm.parameters():
+        p.grad = None
+    del loss
+    gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- timing
+def step(gm, args) -> torch.Tensor:
+    for p in gm.parameters():
+        p.grad = None
+    loss = gm(*args)
+    loss.backward()
+    return loss.detach()
+
+
+def time_configs(gms: dict, args, warmup: int, steps: int) -> dict:
+    """All configurations take turns step by step (the first of a round rotates): per configuration the
+    step times (timed rounds), the losses (all rounds), and the per-round ratio to the unchunked step."""
+    names = list(gms)
+    out = {n: {"times": [], "losses": []} for n in names}
+    for r in range(warmup + steps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        round_t = {}
+        for n in order:
+            gc.collect()
+            t0 = time.perf_counter()
+            loss = step(gms[n], args)
+            round_t[n] = time.perf_counter() - t0
+            out[n]["losses"].append(loss.item())
+        if r >= warmup:
+            for n in names:
+                out[n]["times"].append(round_t[n])
+    base = out[names[0]]["times"]
+    for n in names:
+        out[n]["ratios"] = [t / b for t, b in zip(out[n]["times"], base)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- per model
+def run_model(name: str, quick: bool) -> dict:
+    from planner.capture import capture
+    from search.chunking import chunk_memory, chunk_regions
+    from search.fold import fold
+
+    preset, changes, base, field, grains = MODELS[name]
+    warmup, steps = (1, 3) if quick else (1, 7)
+    model, args = build(name, base)
+    t0 = time.perf_counter()
+    mg = capture(copy.deepcopy(model), args, name=name)
+    regions = chunk_regions(mg, fold(mg))
+    analysis_s = time.perf_counter() - t0
+    configs = {"unchunked": None, "k=1 (recompute only)": entries(regions, 1),
+               **{f"k={k}": entries(regions, k) for k in KS}}
+    chunks = {"unchunked": 0, "k=1 (recompute only)": 1, **{f"k={k}": k for k in KS}}
+    gms = {n: graph(model, args, c) for n, c in configs.items()}
+    print(f"[{name}] {len(regions)} regions; measuring memory ...", flush=True)
+
+    ref_loss, ref_grads = None, None
+    rows = {}
+    for n, gm in gms.items():  # gradients against the unchunked ones, then the memory step
+        loss = step(gm, args).item()
+        grads = {k: p.grad.clone() for k, p in gm.named_parameters()}
+        if ref_grads is None:
+            ref_loss, ref_grads = loss, grads
+        rows[n] = {"config": n, "chunks": chunks[n], "entries": configs[n],
+                   "max_abs_grad_diff": max((grads[k] - ref_grads[k]).abs().max().item() for k in grads),
+                   "max_abs_grad": max(g.abs().max().item() for g in ref_grads.values())}
+        del grads
+        rows[n]["memory"] = measure_memory(gm, args)
+    del ref_grads
+    print(f"[{name}] timing {len(gms)} configurations, {warmup}+{steps} rounds ...", flush=True)
+    load_before = os.getloadavg()
+    timed = time_configs(gms, args, warmup, steps)
+    load_after = os.getloadavg()
+
+    base_mem = rows["unchunked"]["memory"]
+    base_t = statistics.median(timed["unchunked"]["times"])
+    for n, row in rows.items():
+        m, t = row["memory"], timed[n]
+        k = row["chunks"]
+        predicted = sum(r.instances * (r.act_bytes - chunk_memory(r, k)) for r in regions) if k else 0.0
+        losses = [m["loss"], *t["losses"]]
+        row.update({
+            "activation_peak_bytes": m["peak_bytes"],
+            "after_forward_bytes": m["after_forward_bytes"],
+            "peak_in": m["peak_in"],
+            "reduction": 1 - m["peak_bytes"] / base_mem["peak_bytes"],
+            "measured_peak_drop_bytes": base_mem["peak_bytes"] - m["peak_bytes"],
+            "measured_after_forward_drop_bytes": base_mem["after_forward_bytes"] - m["after_forward_bytes"],
+            "predicted_drop_bytes": predicted,
+            "predicted_per_region_drop_bytes": {f"{r.kind} {r.scope}": r.instances * (r.act_bytes - chunk_memory(r, k))
+                                                for r in regions} if k else {},
+            "step_times_s": t["times"], "step_ratios": t["ratios"],
+            "median_step_s": statistics.median(t["times"]),
+            "slowdown": statistics.median(t["ratios"]) - 1,
+            "slowdown_of_medians": statistics.median(t["times"]) / base_t - 1,
+            "losses": losses,
+            "max_abs_loss_diff": max(abs(x - ref_loss) for x in losses),
+        })
+        row["loss_ok"] = row["max_abs_loss_diff"] <= LOSS_TOL
+        row["meets_target"] = bool(k) and row["reduction"] >= TARGET_REDUCTION and row["slowdown"] <= TARGET_SLOWDOWN
+    del gms
+    gc.collect()
+
+    # ---- longest fit within the unchunked activation peak at the base size
+    limit = base_mem["peak_bytes"]
+    best = min((r for r in rows.values() if r["chunks"] > 1), key=lambda r: r["activation_peak_bytes"])
+    grain = grains[1] if quick else grains[0]
+    fit = {"limit_bytes": limit, "grain": grain, "field": field, "base": base, "best_k": best["chunks"]}
+    for label, k in (("unchunked", 0), ("chunked", best["chunks"])):
+        print(f"[{name}] longest {field} within {limit / MiB:.1f} MiB, {label} ...", flush=True)
+        fit[label] = longest_fit(name, base, grain, k, regions, limit)
+    fit["ratio"] = fit["chunked"]["longest"] / fit["unchunked"]["longest"]
+    return {
+        "model": {"name": name, "zoo_preset": preset, **changes, field: base, "batch": BATCH,
+                  "description": describe(name, model),
+                  "params": sum(p.numel() for p in model.parameters())},
+        "regions": [dataclasses.asdict(r) for r in regions],
+        "analysis_s": analysis_s,
+        "reference_loss": ref_loss,
+        "warmup": warmup, "steps": steps, "threads": torch.get_num_threads(),
+        "rows": list(rows.values()),
+        "best_k": best["chunks"],
+        "meets_target": any(r["meets_target"] for r in rows.values()),
+        "longest_fit": fit,
+        "loadavg_1_5_15": {"before_timing": list(load_before), "after_timing": list(load_after)},
+    }
+
+
+def longest_fit(name: str, base: int, grain: int, k: int, regions, limit: float) -> dict:
+    """Largest size (a multiple of ``grain``, from ``base`` up) whose measured activation peak is within
+    ``limit``: doubling, then bisection. ``base`` fits (the limit is the unchunked peak there)."""
+    probes = []
+
+    def fits(size: int) -> bool:
+        model, args = build(name, size)
+        gm = graph(model, args, entries(regions, k) if k else None)
+        slack = sum(p.numel() * p.element_size() for p in model.parameters())  # the most p.grad can hold
+        m = measure_memory(gm, args, abort_above=limit + slack)
+        ok = "exceeded" not in m and m["peak_bytes"] <= limit
+        probes.append({"size": size, "fits": ok, **{key: m[key] for key in ("peak_bytes", "exceeded", "seconds")
+                                                    if key in m}})
+        print(f"    {size}: " + (f"peak {m['peak_bytes'] / MiB:.1f} MiB" if "peak_bytes" in m else
+                                  f"stopped in {m['exceeded']}") + (" fits" if ok else " does not fit"), flush=True)
+        del gm, model, args
+        gc.collect()
+        return ok
+
+    lo, hi = base, 2 * base
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > grain:
+        mid = (lo + hi) // 2 // grain * grain
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"chunks": k, "longest": lo, "first_too_big": hi, "probes": probes}
+
+
+# --------------------------------------------------------------------------------------------- report
+def print_tables(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=180)
+    for name, m in res["models"].items():
+        mdl = m["model"]
+        field = m["longest_fit"]["field"]
+        t = Table(title=f"MEASURED (+ PREDICTED drop) — {mdl['description']}, batch {mdl['batch']} × "
+                        f"{field} {mdl[field]}, fp32, CPU {m['threads']} threads, fwd+bwd; all "
+                        f"{len(m['regions'])} regions chunked k ways; step = median of {m['steps']} A/B rounds")
+        for col in ("config", "act peak MiB", "reduction", "peak in", "after fwd MiB", "step ms", "slowdown",
+                    "slowdown (of medians)", "PRED drop MiB", "meas drop after fwd", "meas drop peak",
+                    "|Δloss|", "max |Δgrad|", "target"):
+            t.add_column(col, justify="right")
+        for r in m["rows"]:
+            base = r["chunks"] == 0
+            t.add_row(r["config"], f"{r['activation_peak_bytes'] / MiB:.1f}",
+                      "-" if base else f"{100 * r['reduction']:.1f}%", r["peak_in"],
+                      f"{r['after_forward_bytes'] / MiB:.1f}", f"{r['median_step_s'] * 1e3:.0f}",
+                      "-" if base else f"{100 * r['slowdown']:+.1f}%",
+                      "-" if base else f"{100 * r['slowdown_of_medians']:+.1f}%",
+                      "-" if base else f"{r['predicted_drop_bytes'] / MiB:.1f}",
+                      "-" if base else f"{r['measured_after_forward_drop_bytes'] / MiB:.1f}",
+                      "-" if base else f"{r['measured_peak_drop_bytes'] / MiB:.1f}",
+                      f"{r['max_abs_loss_diff']:.1e}" + ("" if r["loss_ok"] else " NO"),
+                      f"{r['max_abs_grad_diff']:.1e}",
+                      "-" if not r["chunks"] else "MET" if r["meets_target"] else "no")
+        con.print(t)
+        con.print("  regions: " + "; ".join(
+            f"{r['kind']} {r['scope']} ×{r['instances']} (act {r['act_bytes'] / MiB:.1f} MiB, out "
+            f"{r['output_bytes'] / MiB:.1f})" for r in m["regions"]))
+        la = m["loadavg_1_5_15"]
+        con.print(f"  slowdown = median over rounds of (step / unchunked step of the same round) - 1; load average "
+                  f"{la['before_timing'][0]:.2f} before timing, {la['after_timing'][0]:.2f} after. PRED drop = "
+                  "Σ instances × (act_bytes − chunk_memory(r, k)). target = ≥60% reduction and ≤15% slowdown.")
+    t = Table(title="MEASURED — longest size whose activation peak fits the limit (= unchunked peak at the base size); "
+                    "doubling then bisection")
+    for col in ("model", "limit MiB", "base", "grain", "unchunked longest", "chunked k", "chunked longest",
+                "ratio", "probes (unchunked / chunked)"):
+        t.add_column(col, justify="right")
+    for name, m in res["models"].items():
+        f = m["longest_fit"]
+        t.add_row(f"{name} ({f['field']})", f"{f['limit_bytes'] / MiB:.1f}", str(f["base"]), str(f["grain"]),
+                  str(f["unchunked"]["longest"]), str(f["best_k"]), str(f["chunked"]["longest"]),
+                  f"{f['ratio']:.2f}×", f"{len(f['unchunked']['probes'])} / {len(f['chunked']['probes'])}")
+    con.print(t)
+    met = [n for n, m in res["models"].items() if m["meets_target"]]
+    con.print(f"  target (≥60% reduction at ≤15% slowdown, on ≥2 models): met on {len(met)} of "
+              f"{len(res['models'])} ({', '.join(met) or 'none'}) -> {'MET' if len(met) >= 2 else 'NOT MET'}")
+    con.print(f"written {RESULTS.relative_to(ROOT)} (total {res['wall_s']:.0f} s)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, coarser bisection grain")
+    opts = ap.parse_args()
+    t0 = time.perf_counter()
+    res = {"command": "bench/run_chunk.py" + (" --quick" if opts.quick else ""), "quick": opts.quick,
+           "torch": torch.__version__, "cpu_count": os.cpu_count(), "dtype": "fp32", "ks": list(KS),
+           "target": {"reduction": TARGET_REDUCTION, "slowdown": TARGET_SLOWDOWN, "models": 2},
+           "models": {name: run_model(name, opts.quick) for name in MODELS}}
+    res["target"]["met_on"] = [n for n, m in res["models"].items() if m["meets_target"]]
+    res["target"]["met"] = len(res["target"]["met_on"]) >= 2
+    res["wall_s"] = time.perf_counter() - t0
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+    print_tables(res)
+    return 0 if all(r["loss_ok"] for m in res["models"].values() for r in m["rows"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
