@@ -265,9 +265,9 @@ def run_model(name: str, quick: bool) -> dict:
     mg = capture(copy.deepcopy(model), args, name=name)
     regions = chunk_regions(mg, fold(mg))
     analysis_s = time.perf_counter() - t0
-    configs = {"unchunked": None, "k=1 (recompute only)": entries(regions, 1),
+    configs = {"unchunked": None, "k=1 ckpt": entries(regions, 1),
                **{f"k={k}": entries(regions, k) for k in KS}}
-    chunks = {"unchunked": 0, "k=1 (recompute only)": 1, **{f"k={k}": k for k in KS}}
+    chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS}}
     gms = {n: graph(model, args, c) for n, c in configs.items()}
     print(f"[{name}] {len(regions)} regions; measuring memory ...", flush=True)
 

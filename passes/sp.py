@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from passes.localize import localize_args
 from runtime.attention import positions, sp_attention
 from search.seqshard import propagate_seq
 
@@ -44,14 +45,8 @@ def apply_sp(gm: fx.GraphModule, *, variant: str, layout: str, seq_len: int, sp:
         return gm
     plan = propagate_seq(gm, seq_len=seq_len, sp=sp)
     graph = gm.graph
+    localize_args(graph, plan.local_args)
     nodes = {n.name: n for n in graph.nodes}
-    for name, args in plan.local_args.items():
-        node = nodes[name]
-        if args == ("drop",):
-            if not node.users:
-                graph.erase_node(node)
-            continue
-        node.args = args
     _select_positions(gm, plan.select_positions, nodes, positions(seq_len, sp, rank, layout))
     gm.add_module("sp_attention", SequenceAttention(variant, group, inner_group, layout, seq_len))
     for name in plan.attention:

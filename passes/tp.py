@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from passes.localize import localize_args
 from runtime.collectives import (copy_to_group, gather_from_sequence, reduce_from_group, reduce_scatter_to_sequence,
                                  scatter_to_sequence)
 from search.placement import module_of, propagate, weight_of
@@ -52,14 +53,8 @@ def apply_tp(gm: fx.GraphModule, styles: dict[str, tuple[str, int]], group, tp: 
     layout = propagate(gm, styles, tp, sequence)
     _shard_parameters(gm, layout.param_shards, tp, rank)
     graph = gm.graph
+    localize_args(graph, layout.local_args)
     nodes = {n.name: n for n in graph.nodes}
-    for name, args in layout.local_args.items():
-        node = nodes[name]
-        if args == ("drop",):
-            if not node.users:
-                graph.erase_node(node)
-            continue
-        node.args = args
     gm.add_module("tp_copy", GroupCollective(copy_to_group, group))  # Megatron f: all-reduce grads backward
     gm.add_module("tp_reduce", GroupCollective(reduce_from_group, group))  # Megatron g: all-reduce forward
     if sequence:
