@@ -43,6 +43,7 @@ import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -62,13 +63,14 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 SEED = 0
 BATCH = 1
 KS = (2, 4, 8, 16)
+DIAG_K = 4  # the per-kind diagnostic rows chunk one kind of region at a time this many ways
 LOSS_TOL = 1e-5
 TARGET_REDUCTION, TARGET_SLOWDOWN = 0.60, 0.15
 # name -> (zoo preset whose config is replaced, config changes, base size, size field, bisection grain (full, quick))
 MODELS = {
     "gpt": ("gpt-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4), 4096, "seq", (128, 1024)),
     "evoformer": ("evoformer-tiny", dict(in_channels=16, pair=32, heads=4, tri=32, blocks=2, bins=32), 256,
-                  "residues", (16, 64)),
+                  "residues", (32, 64)),
 }
 RESULTS = ROOT / "bench" / "results" / "chunk.json"
 MiB = 2 ** 20
@@ -229,23 +231,32 @@ def step(gm, args) -> torch.Tensor:
     return loss.detach()
 
 
-def time_configs(gms: dict, args, warmup: int, steps: int) -> dict:
-    """All configurations take turns step by step (the first of a round rotates): per configuration the
-    step times (timed rounds), the losses (all rounds), and the per-round ratio to the unchunked step."""
+def time_configs(gms: dict, args, warmup: int, steps: int, threads: int) -> dict:
+    """All configurations take turns step by step (the first of a round rotates), on ``threads`` threads:
+    per configuration the step times (timed rounds), the losses (all rounds), the per-round ratio to the
+    unchunked step, and per timed step the minor page faults and the system CPU time of this process."""
     names = list(gms)
-    out = {n: {"times": [], "losses": []} for n in names}
+    out = {n: {"times": [], "losses": [], "minflt": [], "sys_s": []} for n in names}
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
     for r in range(warmup + steps):
         order = names[r % len(names):] + names[:r % len(names)]
         round_t = {}
         for n in order:
             gc.collect()
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             loss = step(gms[n], args)
             round_t[n] = time.perf_counter() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
             out[n]["losses"].append(loss.item())
+            if r >= warmup:
+                out[n]["minflt"].append(ru1.ru_minflt - ru0.ru_minflt)
+                out[n]["sys_s"].append(ru1.ru_stime - ru0.ru_stime)
         if r >= warmup:
             for n in names:
                 out[n]["times"].append(round_t[n])
+    torch.set_num_threads(saved)
     base = out[names[0]]["times"]
     for n in names:
         out[n]["ratios"] = [t / b for t, b in zip(out[n]["times"], base)]
@@ -253,13 +264,13 @@ def time_configs(gms: dict, args, warmup: int, steps: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- per model
-def run_model(name: str, quick: bool) -> dict:
+def run_model(name: str, quick: bool, threads: int) -> dict:
     from planner.capture import capture
     from search.chunking import chunk_memory, chunk_regions
     from search.fold import fold
 
     preset, changes, base, field, grains = MODELS[name]
-    warmup, steps = (1, 3) if quick else (1, 7)
+    warmup, steps = (1, 3) if quick else (1, 5)
     model, args = build(name, base)
     t0 = time.perf_counter()
     mg = capture(copy.deepcopy(model), args, name=name)
@@ -268,6 +279,10 @@ def run_model(name: str, quick: bool) -> dict:
     configs = {"unchunked": None, "k=1 ckpt": entries(regions, 1),
                **{f"k={k}": entries(regions, k) for k in KS}}
     chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS}}
+    kinds = list(dict.fromkeys(r.kind for r in regions))
+    for kind in kinds:  # diagnostics: one kind of region at a time, k = DIAG_K (not part of the verdict)
+        configs[f"{kind} only, k={DIAG_K}"] = [e for e in entries(regions, DIAG_K) if e["kind"] == kind]
+        chunks[f"{kind} only, k={DIAG_K}"] = DIAG_K
     gms = {n: graph(model, args, c) for n, c in configs.items()}
     print(f"[{name}] {len(regions)} regions; measuring memory ...", flush=True)
 
@@ -278,7 +293,7 @@ def run_model(name: str, quick: bool) -> dict:
         grads = {k: p.grad.clone() for k, p in gm.named_parameters()}
         if ref_grads is None:
             ref_loss, ref_grads = loss, grads
-        rows[n] = {"config": n, "chunks": chunks[n], "entries": configs[n],
+        rows[n] = {"config": n, "chunks": chunks[n], "entries": configs[n], "diagnostic": " only, " in n,
                    "max_abs_grad_diff": max((grads[k] - ref_grads[k]).abs().max().item() for k in grads),
                    "max_abs_grad": max(g.abs().max().item() for g in ref_grads.values())}
         del grads
@@ -286,7 +301,7 @@ def run_model(name: str, quick: bool) -> dict:
     del ref_grads
     print(f"[{name}] timing {len(gms)} configurations, {warmup}+{steps} rounds ...", flush=True)
     load_before = os.getloadavg()
-    timed = time_configs(gms, args, warmup, steps)
+    timed = time_configs(gms, args, warmup, steps, threads)
     load_after = os.getloadavg()
 
     base_mem = rows["unchunked"]["memory"]
@@ -294,7 +309,9 @@ def run_model(name: str, quick: bool) -> dict:
     for n, row in rows.items():
         m, t = row["memory"], timed[n]
         k = row["chunks"]
-        predicted = sum(r.instances * (r.act_bytes - chunk_memory(r, k)) for r in regions) if k else 0.0
+        chunked = {(e["kind"], e["scope"]) for e in configs[n] or []}
+        mine = [r for r in regions if (r.kind, r.scope) in chunked]
+        predicted = sum(r.instances * (r.act_bytes - chunk_memory(r, k)) for r in mine)
         losses = [m["loss"], *t["losses"]]
         row.update({
             "activation_peak_bytes": m["peak_bytes"],
@@ -305,7 +322,9 @@ def run_model(name: str, quick: bool) -> dict:
             "measured_after_forward_drop_bytes": base_mem["after_forward_bytes"] - m["after_forward_bytes"],
             "predicted_drop_bytes": predicted,
             "predicted_per_region_drop_bytes": {f"{r.kind} {r.scope}": r.instances * (r.act_bytes - chunk_memory(r, k))
-                                                for r in regions} if k else {},
+                                                for r in mine},
+            "minor_page_faults_per_step": statistics.median(t["minflt"]),
+            "sys_s_per_step": statistics.median(t["sys_s"]),
             "step_times_s": t["times"], "step_ratios": t["ratios"],
             "median_step_s": statistics.median(t["times"]),
             "slowdown": statistics.median(t["ratios"]) - 1,
@@ -315,12 +334,14 @@ def run_model(name: str, quick: bool) -> dict:
         })
         row["loss_ok"] = row["max_abs_loss_diff"] <= LOSS_TOL
         row["meets_target"] = bool(k) and row["reduction"] >= TARGET_REDUCTION and row["slowdown"] <= TARGET_SLOWDOWN
+        row["counts_for_target"] = bool(k) and not row["diagnostic"]
     del gms
     gc.collect()
 
     # ---- longest fit within the unchunked activation peak at the base size
     limit = base_mem["peak_bytes"]
-    best = min((r for r in rows.values() if r["chunks"] > 1), key=lambda r: r["activation_peak_bytes"])
+    best = min((r for r in rows.values() if r["chunks"] > 1 and not r["diagnostic"]),
+               key=lambda r: r["activation_peak_bytes"])
     grain = grains[1] if quick else grains[0]
     fit = {"limit_bytes": limit, "grain": grain, "field": field, "base": base, "best_k": best["chunks"]}
     for label, k in (("unchunked", 0), ("chunked", best["chunks"])):
@@ -334,10 +355,10 @@ def run_model(name: str, quick: bool) -> dict:
         "regions": [dataclasses.asdict(r) for r in regions],
         "analysis_s": analysis_s,
         "reference_loss": ref_loss,
-        "warmup": warmup, "steps": steps, "threads": torch.get_num_threads(),
+        "warmup": warmup, "steps": steps, "timing_threads": threads, "memory_threads": torch.get_num_threads(),
         "rows": list(rows.values()),
         "best_k": best["chunks"],
-        "meets_target": any(r["meets_target"] for r in rows.values()),
+        "meets_target": any(r["meets_target"] and r["counts_for_target"] for r in rows.values()),
         "longest_fit": fit,
         "loadavg_1_5_15": {"before_timing": list(load_before), "after_timing": list(load_after)},
     }
@@ -378,38 +399,45 @@ def print_tables(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(width=180)
+    con = Console(width=190)
     for name, m in res["models"].items():
         mdl = m["model"]
         field = m["longest_fit"]["field"]
         t = Table(title=f"MEASURED (+ PREDICTED drop) — {mdl['description']}, batch {mdl['batch']} × "
-                        f"{field} {mdl[field]}, fp32, CPU {m['threads']} threads, fwd+bwd; all "
-                        f"{len(m['regions'])} regions chunked k ways; step = median of {m['steps']} A/B rounds")
-        for col in ("config", "act peak MiB", "reduction", "peak in", "after fwd MiB", "step ms", "slowdown",
-                    "slowdown (of medians)", "PRED drop MiB", "meas drop after fwd", "meas drop peak",
-                    "|Δloss|", "max |Δgrad|", "target"):
+                        f"{field} {mdl[field]}, fp32, fwd+bwd; every region chunked k ways (below the line: one "
+                        f"kind at a time); step = median of {m['steps']} A/B rounds on {m['timing_threads']} thread(s)")
+        t.add_column("config", justify="right", no_wrap=True)
+        for col in ("act peak MiB", "reduction", "peak in", "after fwd MiB", "step ms", "slowdown",
+                    "(of medians)", "minflt /step", "sys ms /step", "PRED drop MiB", "meas drop after fwd",
+                    "meas drop peak", "|Δloss|", "max |Δgrad|", "target"):
             t.add_column(col, justify="right")
-        for r in m["rows"]:
+        for i, r in enumerate(m["rows"]):
             base = r["chunks"] == 0
+            if r["diagnostic"] and not m["rows"][i - 1]["diagnostic"]:
+                t.add_section()
             t.add_row(r["config"], f"{r['activation_peak_bytes'] / MiB:.1f}",
                       "-" if base else f"{100 * r['reduction']:.1f}%", r["peak_in"],
                       f"{r['after_forward_bytes'] / MiB:.1f}", f"{r['median_step_s'] * 1e3:.0f}",
                       "-" if base else f"{100 * r['slowdown']:+.1f}%",
                       "-" if base else f"{100 * r['slowdown_of_medians']:+.1f}%",
+                      f"{r['minor_page_faults_per_step']:,.0f}", f"{r['sys_s_per_step'] * 1e3:.0f}",
                       "-" if base else f"{r['predicted_drop_bytes'] / MiB:.1f}",
                       "-" if base else f"{r['measured_after_forward_drop_bytes'] / MiB:.1f}",
                       "-" if base else f"{r['measured_peak_drop_bytes'] / MiB:.1f}",
                       f"{r['max_abs_loss_diff']:.1e}" + ("" if r["loss_ok"] else " NO"),
                       f"{r['max_abs_grad_diff']:.1e}",
-                      "-" if not r["chunks"] else "MET" if r["meets_target"] else "no")
+                      "-" if base else ("MET" if r["meets_target"] else "no") + ("*" if r["diagnostic"] else ""))
         con.print(t)
         con.print("  regions: " + "; ".join(
             f"{r['kind']} {r['scope']} ×{r['instances']} (act {r['act_bytes'] / MiB:.1f} MiB, out "
             f"{r['output_bytes'] / MiB:.1f})" for r in m["regions"]))
         la = m["loadavg_1_5_15"]
-        con.print(f"  slowdown = median over rounds of (step / unchunked step of the same round) - 1; load average "
-                  f"{la['before_timing'][0]:.2f} before timing, {la['after_timing'][0]:.2f} after. PRED drop = "
-                  "Σ instances × (act_bytes − chunk_memory(r, k)). target = ≥60% reduction and ≤15% slowdown.")
+        con.print(f"  k=1 ckpt = every region under checkpoint as one chunk (the recompute alone). slowdown = median "
+                  f"over rounds of (step / unchunked step of the same round) − 1; (of medians) = median step / "
+                  f"unchunked median step − 1. minflt, sys = minor page faults and system CPU time per step "
+                  f"(median). Load average {la['before_timing'][0]:.2f} before timing, {la['after_timing'][0]:.2f} "
+                  "after. PRED drop = Σ instances × (act_bytes − chunk_memory(r, k)) over the chunked regions. "
+                  "target = ≥60% reduction and ≤15% slowdown (* diagnostic rows do not count).")
     t = Table(title="MEASURED — longest size whose activation peak fits the limit (= unchunked peak at the base size); "
                     "doubling then bisection")
     for col in ("model", "limit MiB", "base", "grain", "unchunked longest", "chunked k", "chunked longest",
@@ -430,12 +458,16 @@ def print_tables(res: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, coarser bisection grain")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed steps (default 1, see the "
+                    "README: on a shared machine multi-threaded small kernels turn others' load into stalls)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
-    res = {"command": "bench/run_chunk.py" + (" --quick" if opts.quick else ""), "quick": opts.quick,
+    res = {"command": "bench/run_chunk.py" + (" --quick" if opts.quick else "")
+           + (f" --threads {opts.threads}" if opts.threads != 1 else ""), "quick": opts.quick,
            "torch": torch.__version__, "cpu_count": os.cpu_count(), "dtype": "fp32", "ks": list(KS),
            "target": {"reduction": TARGET_REDUCTION, "slowdown": TARGET_SLOWDOWN, "models": 2},
-           "models": {name: run_model(name, opts.quick) for name in MODELS}}
+           "timing_threads": opts.threads,
+           "models": {name: run_model(name, opts.quick, opts.threads) for name in MODELS}}
     res["target"]["met_on"] = [n for n, m in res["models"].items() if m["meets_target"]]
     res["target"]["met"] = len(res["target"]["met_on"]) >= 2
     res["wall_s"] = time.perf_counter() - t0
