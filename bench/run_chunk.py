@@ -1,7 +1,7 @@
 """Benchmark: AutoChunk — measured activation memory and step time, chunked vs unchunked, and the longest
 sequence that fits a memory limit, on a long-sequence GPT and an Evoformer-like pair stack.
 
-    .venv/bin/python bench/run_chunk.py [--quick]     # writes bench/results/chunk.json, prints rich tables
+    .venv/bin/python bench/run_chunk.py [--quick] [--threads N] [--malloc keep|default]   # writes bench/results/chunk.json, prints rich tables
 
 One process, CPU, fp32, batch 1. Per model: capture the model (``planner.capture.capture``), take every
 region ``search.chunking.chunk_regions`` finds, and apply all of them with ``passes.chunk.apply_chunking``
@@ -18,9 +18,15 @@ MEASURED
   temporaries, recomputed chunk intermediates and activation gradients, as an allocator would see them
   minus kernel-internal scratch and fragmentation. "after fwd" is what is alive when the forward returns.
 * Step time: every configuration takes turns step by step (A/B alternation, the starting configuration
-  rotating each round), ``WARMUP`` rounds then ``STEPS`` timed ones; per configuration the median step
-  time, and the slowdown as the median over rounds of (this configuration's step / the unchunked step of
-  the same round) - 1. All cores (torch's default thread count).
+  rotating each round), 1 warm-up round then 5 timed ones (``--quick``: 3); per configuration the median
+  step time, and the slowdown as the median over rounds of (this configuration's step / the unchunked step
+  of the same round) - 1. One thread (``--threads``): on this shared 2-core machine, other processes' load
+  turns every OpenMP barrier of a 2-thread kernel into a wait, and a chunked step has k times the kernels.
+  During the timed steps glibc malloc keeps freed memory (``kept_pages``; ``--malloc default`` turns that
+  off): otherwise every block over 32 MiB is a fresh mmap and its pages are zeroed by the kernel on each
+  step, a cost only the configurations with the largest tensors pay. Minor page faults and system CPU time
+  per step are recorded either way.
+* Diagnostics (not in ``--quick``, not part of the verdict): one kind of region at a time, k = ``DIAG_K``.
 * Loss (every step) within 1e-5 of the unchunked loss; the largest parameter-gradient difference is shown.
 * Longest fit: the largest sequence (GPT) or residue count N (Evoformer) whose activation peak stays within
   ``LIMIT`` = the unchunked activation peak at the base size, unchunked and chunked with the k that had the
@@ -33,12 +39,14 @@ PREDICTED: the cost model's drop for the same configuration, sum over regions of
 of the drop after the forward, see search/chunking.py), next to the measured drops (after fwd, step peak).
 
 Target (the issue): >= 60 % activation-memory reduction at <= 15 % slowdown on at least two models.
-``--quick``: 1 warm-up + 3 timed rounds and a coarser bisection grain. See bench/README.md.
+``--quick``: 3 timed rounds, no per-kind rows and a coarser bisection grain. See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import gc
 import json
@@ -68,7 +76,7 @@ LOSS_TOL = 1e-5
 TARGET_REDUCTION, TARGET_SLOWDOWN = 0.60, 0.15
 # name -> (zoo preset whose config is replaced, config changes, base size, size field, bisection grain (full, quick))
 MODELS = {
-    "gpt": ("gpt-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4), 4096, "seq", (128, 1024)),
+    "gpt": ("gpt-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4), 4096, "seq", (256, 1024)),
     "evoformer": ("evoformer-tiny", dict(in_channels=16, pair=32, heads=4, tri=32, blocks=2, bins=32), 256,
                   "residues", (32, 64)),
 }
@@ -223,6 +231,27 @@ def measure_memory(gm, args, abort_above: float | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def kept_pages(on: bool):
+    """glibc malloc that keeps freed memory (no mmap for large blocks, no trimming), like a caching
+    allocator: without it every block over 32 MiB is a fresh mmap whose pages the kernel zeroes on first
+    touch, a per-step cost that falls on whichever configuration allocates the largest tensors. Restored
+    (and the heap trimmed) afterwards. ``on=False``: glibc's defaults, untouched."""
+    if not on:
+        yield
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # -1: never trim
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, 65536)  # glibc's default
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default
+        libc.malloc_trim(0)
+
+
 def step(gm, args) -> torch.Tensor:
     for p in gm.parameters():
         p.grad = None
@@ -264,7 +293,7 @@ def time_configs(gms: dict, args, warmup: int, steps: int, threads: int) -> dict
 
 
 # --------------------------------------------------------------------------------------------- per model
-def run_model(name: str, quick: bool, threads: int) -> dict:
+def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
     from planner.capture import capture
     from search.chunking import chunk_memory, chunk_regions
     from search.fold import fold
@@ -280,7 +309,7 @@ def run_model(name: str, quick: bool, threads: int) -> dict:
                **{f"k={k}": entries(regions, k) for k in KS}}
     chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS}}
     kinds = list(dict.fromkeys(r.kind for r in regions))
-    for kind in kinds:  # diagnostics: one kind of region at a time, k = DIAG_K (not part of the verdict)
+    for kind in [] if quick else kinds:  # diagnostics: one kind at a time, k = DIAG_K (not part of the verdict)
         configs[f"{kind} only, k={DIAG_K}"] = [e for e in entries(regions, DIAG_K) if e["kind"] == kind]
         chunks[f"{kind} only, k={DIAG_K}"] = DIAG_K
     gms = {n: graph(model, args, c) for n, c in configs.items()}
@@ -301,7 +330,8 @@ def run_model(name: str, quick: bool, threads: int) -> dict:
     del ref_grads
     print(f"[{name}] timing {len(gms)} configurations, {warmup}+{steps} rounds ...", flush=True)
     load_before = os.getloadavg()
-    timed = time_configs(gms, args, warmup, steps, threads)
+    with kept_pages(keep):
+        timed = time_configs(gms, args, warmup, steps, threads)
     load_after = os.getloadavg()
 
     base_mem = rows["unchunked"]["memory"]
@@ -356,6 +386,7 @@ def run_model(name: str, quick: bool, threads: int) -> dict:
         "analysis_s": analysis_s,
         "reference_loss": ref_loss,
         "warmup": warmup, "steps": steps, "timing_threads": threads, "memory_threads": torch.get_num_threads(),
+        "timing_malloc": "kept pages (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)" if keep else "glibc defaults",
         "rows": list(rows.values()),
         "best_k": best["chunks"],
         "meets_target": any(r["meets_target"] and r["counts_for_target"] for r in rows.values()),
@@ -405,7 +436,8 @@ def print_tables(res: dict) -> None:
         field = m["longest_fit"]["field"]
         t = Table(title=f"MEASURED (+ PREDICTED drop) — {mdl['description']}, batch {mdl['batch']} × "
                         f"{field} {mdl[field]}, fp32, fwd+bwd; every region chunked k ways (below the line: one "
-                        f"kind at a time); step = median of {m['steps']} A/B rounds on {m['timing_threads']} thread(s)")
+                        f"kind at a time); step = median of {m['steps']} A/B rounds on {m['timing_threads']} thread(s), "
+                        f"malloc {'kept pages' if m['timing_malloc'].startswith('kept') else 'glibc defaults'}")
         t.add_column("config", justify="right", no_wrap=True)
         for col in ("act peak MiB", "reduction", "peak in", "after fwd MiB", "step ms", "slowdown",
                     "(of medians)", "minflt /step", "sys ms /step", "PRED drop MiB", "meas drop after fwd",
@@ -457,17 +489,21 @@ def print_tables(res: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, coarser bisection grain")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, no per-kind rows, coarser "
+                    "bisection grain")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="glibc malloc during the timed steps: keep freed pages (default) or glibc's defaults")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed steps (default 1, see the "
                     "README: on a shared machine multi-threaded small kernels turn others' load into stalls)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
     res = {"command": "bench/run_chunk.py" + (" --quick" if opts.quick else "")
-           + (f" --threads {opts.threads}" if opts.threads != 1 else ""), "quick": opts.quick,
+           + (f" --threads {opts.threads}" if opts.threads != 1 else "")
+           + (" --malloc default" if opts.malloc == "default" else ""), "quick": opts.quick,
            "torch": torch.__version__, "cpu_count": os.cpu_count(), "dtype": "fp32", "ks": list(KS),
            "target": {"reduction": TARGET_REDUCTION, "slowdown": TARGET_SLOWDOWN, "models": 2},
-           "timing_threads": opts.threads,
-           "models": {name: run_model(name, opts.quick, opts.threads) for name in MODELS}}
+           "timing_threads": opts.threads, "timing_malloc": opts.malloc,
+           "models": {name: run_model(name, opts.quick, opts.threads, opts.malloc == "keep") for name in MODELS}}
     res["target"]["met_on"] = [n for n, m in res["models"].items() if m["meets_target"]]
     res["target"]["met"] = len(res["target"]["met_on"]) >= 2
     res["wall_s"] = time.perf_counter() - t0

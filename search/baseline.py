@@ -30,7 +30,7 @@ from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
 from search.seqpar import VARIANTS, SPChoice
 from search.dsp import dsp_layout, dsp_traffic
 from search.seqshard import Unsupported, propagate_seq
-from search.space import MegatronSP, Space, build_space, megatron_sp
+from search.space import MegatronSP, Space, build_space
 
 
 CHUNKS = (2, 4, 8, 16, 32, 64)  # chunk counts the search tries (the pass takes any, dividing or not)
@@ -202,7 +202,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
     """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``;
     ``regions``: the chunkable regions, used when memory binds)."""
     local = global_batch // dp
-    out, cache, msp = [], {}, {}
+    out, cache, msp = [], {}, space.megatron_sp
     tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
     zeros = (0,) if dp * sequence[0] == 1 else (0, 1) if pp > 1 else (0, 1, 2, 3)  # ZeRO shards over dp × sp
     for zero in zeros:
@@ -217,10 +217,8 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                 if "recompute" in fix and fix["recompute"] != recompute:
                     continue
                 if pp == 1:
-                    if tp not in msp:
-                        msp[tp] = megatron_sp(mg, space)
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
-                                    global_batch, mg.batch_size, limit, sequence, msp[tp] if sequence[0] == 1 else None)
+                                    global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
                     out.append(_chunked(select(space, price, limit), regions, cluster, dtype, limit))
                     continue
                 key = ("regions", micro, recompute)

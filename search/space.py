@@ -158,6 +158,12 @@ class Space:
     def all_sharded(self) -> dict[str, int]:
         return {c.key: c.instances for c in self.choices}
 
+    def megatron_sp(self, mg: ModelGraph) -> "MegatronSP | None":
+        """:func:`megatron_sp` of this space, computed once (it reads every instance)."""
+        if not hasattr(self, "_megatron_sp"):
+            self._megatron_sp = megatron_sp(mg, self)
+        return self._megatron_sp
+
 
 def build_space(mg: ModelGraph, tp: int, folding: Folding | None = None) -> Space:
     """The cone choices for ``tp`` (``folding`` defaults to :func:`search.fold.fold`). A cone that
