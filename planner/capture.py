@@ -8,52 +8,147 @@
 
 torch.export (non-strict, training IR) works on meta and fake tensors, so a 175B model is captured
 without allocating it. ``ep.module()`` keeps parameters as ``get_attr`` nodes with their original
-FQNs, which is what the passes rewrite and what checkpoints are keyed by.
+FQNs, which is what the passes rewrite and what checkpoints are keyed by. :func:`capture_symbolic`
+exports with ``torch.export.Dim`` batch and sequence dimensions: the same formulas then give every
+fact as a sympy expression in B and S (``search.symbolic``).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import logging
 import math
 import os
 import sys
+import sysconfig
 import re
 import traceback
+from fractions import Fraction
 from operator import attrgetter
 
 import torch
 import torch.fx as fx
+from torch.export import Dim
 
-from search.errors import CaptureError
+from search.errors import BadInput, CaptureError
 from search.graph import ModelGraph, NodeInfo
+from search.symbolic import FACTS, SYMBOLS, expression
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 _MATMUL_BWD = 2  # a matmul's backward is dgrad + wgrad: twice its forward FLOPs
-_SDPA_BWD = 2.5  # flash-style attention backward recomputes scores: ~2.5x forward
+_SDPA_BWD = Fraction(5, 2)  # flash-style attention backward recomputes scores: ~2.5x forward (exact: B, S symbolic)
+MAX_BATCH = 2**20  # symbolic sizes: 1 <= B <= MAX_BATCH, 2 <= S <= MAX_SEQ (at S = 1 a transpose is
+MAX_SEQ = 2**21    # already contiguous and a concrete capture drops the copy the symbolic graph keeps)
+_SPECIALIZED = re.compile(r"(?:You marked|Not all values of) (B|S)\b")
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, name: str = "model") -> ModelGraph:
     """Export ``model`` on ``args``/``kwargs`` and annotate every node with :class:`NodeInfo`."""
     kwargs = kwargs or {}
+    gm = _export(model, args, kwargs)
+    batch, seq = _batch_and_seq(args, kwargs)
+    mg = _model_graph(gm, name, batch, seq)
+    annotate(gm)
+    return mg
+
+
+def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, name: str = "model",
+                     batch_dim: int = 0, seq_dims: tuple[int, ...] = (1,)) -> ModelGraph:
+    """:func:`capture` with the batch and sequence sizes as the symbols ``search.symbolic.B`` and ``S``.
+
+    Dimension ``batch_dim`` of every top-level tensor argument is the batch B, dimensions ``seq_dims``
+    (those it has) are the sequence S: ``seq_dims=(1, 2)`` for an Evoformer pair tensor [B, N, N, C],
+    ``seq_dims=()`` to keep the sequence concrete. The example sizes must agree across arguments and be
+    at least 2 (torch.export specialises sizes 0 and 1). Facts and shapes in ``NodeInfo`` are sympy
+    expressions in B and S (integer, positive); ``mg.batch_size``/``mg.seq_len`` are the symbols.
+    Raises :class:`CaptureError` naming the user's line when the model's code compares B or S with a
+    constant (a table sized by the config broadcast against the input, a ``view`` with a literal, a
+    pooling window over the sequence), and when a size depends on data (``nonzero``). Limits and the
+    evaluation of the expressions: ``search/symbolic.py``.
+    """
+    kwargs = kwargs or {}
+    bound = _bind(model, args, kwargs)
+    marked = _marked_dims(bound, batch_dim, tuple(seq_dims))
+    dims = {"B": Dim("B", min=1, max=MAX_BATCH), "S": Dim("S", min=2, max=MAX_SEQ)}
+    dynamic = {arg: ({d: dims[sym] for d, sym in marked[arg].items()} if arg in marked else None)
+               for arg in bound.arguments}
+    gm = _export(model, args, kwargs, dynamic)
+    symbols = {}  # export's shape-env symbol (named by a hash of its source, e.g. s24) -> B or S
+    for node in gm.graph.find_nodes(op="placeholder"):  # target: the forward argument's name
+        for d, sym in marked.get(node.target, {}).items():
+            symbols[node.meta["val"].shape[d].node.expr] = SYMBOLS[sym]
+    seq = SYMBOLS["S"] if seq_dims else _batch_and_seq(args, kwargs)[1]
+    mg = _model_graph(gm, name, SYMBOLS["B"], seq)
+    annotate(gm, number=lambda v: expression(v, symbols))
+    for node in mg.nodes():
+        info = node.meta["autopar"]
+        free = set().union(*(getattr(info, f).free_symbols for f in FACTS)) - set(SYMBOLS.values())
+        if free:
+            raise CaptureError(f"could not capture {type(model).__name__} symbolically: {node.name} "
+                               f"({info.op} at {info.source or info.scope}) has a size that depends on data, "
+                               f"not only on the batch and sequence ({', '.join(map(str, sorted(free, key=str)))}); "
+                               "capture it at concrete shapes with capture().")
+    return mg
+
+
+def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    try:
+        return inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise BadInput(f"the example inputs do not match {type(model).__name__}.forward: {exc}") from None
+
+
+def _marked_dims(bound: inspect.BoundArguments, batch_dim: int, seq_dims: tuple[int, ...]) -> dict[str, dict[int, str]]:
+    """Argument name -> {dim: "B" | "S"} for every top-level tensor argument; sizes checked."""
+    if batch_dim in seq_dims:
+        raise BadInput(f"batch_dim {batch_dim} is also in seq_dims {seq_dims}")
+    marked: dict[str, dict[int, str]] = {}
+    sizes: dict[str, tuple[str, int, int]] = {}  # "B"/"S" -> (argument, dim, example size) of its first use
+    for arg, value in bound.arguments.items():
+        if not isinstance(value, torch.Tensor) or value.dim() <= batch_dim:
+            continue
+        marked[arg] = {d: sym for d, sym in [(batch_dim, "B")] + [(d, "S") for d in seq_dims] if d < value.dim()}
+        for d, sym in marked[arg].items():
+            size = int(value.shape[d])
+            first = sizes.setdefault(sym, (arg, d, size))
+            if size != first[2]:
+                raise BadInput(f"{sym} is {first[2]} in dim {first[1]} of {first[0]!r} but {size} in dim {d} of "
+                               f"{arg!r}: pass batch_dim/seq_dims that name the same size in every tensor argument")
+            if size < 2:
+                raise BadInput(f"{sym} is {size} in dim {d} of {arg!r}: export fixes sizes 0 and 1, so capture "
+                               "symbolically from example inputs with batch and sequence of at least 2")
+    if not marked:
+        raise BadInput(f"no tensor argument has dim {batch_dim} to make the batch symbolic")
+    return marked
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: dict | None = None) -> fx.GraphModule:
+    """``torch.export`` (non-strict) -> ``ep.module()`` without its input guards; failures -> CaptureError."""
     _disable_kv_cache(model)
     # torch.export prints the partial graph to stderr when tracing fails; our message replaces that
     printed = io.StringIO()
+    sites = _GuardSites()
     try:
-        with contextlib.redirect_stderr(printed):
-            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+        with contextlib.redirect_stderr(printed), (sites if dynamic else contextlib.nullcontext()):
+            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure becomes one actionable message
+        specialized = _SPECIALIZED.findall(str(exc)) if dynamic else []
+        if specialized:
+            raise CaptureError(_explain_specialization(model, specialized, sites.guards)) from None
         raise CaptureError(_explain_export_failure(model, exc)) from None
     if printed.getvalue():
         sys.stderr.write(printed.getvalue())
-    gm = _without_guards(ep.module())
+    return _without_guards(ep.module())
+
+
+def _model_graph(gm: fx.GraphModule, name: str, batch, seq) -> ModelGraph:
     params = dict(gm.named_parameters())
     param_shapes = {k: tuple(v.shape) for k, v in params.items()}
     param_dtypes = {k: _dtype_name(v.dtype) for k, v in params.items()}
-    batch, seq = _batch_and_seq(args, kwargs)
-    mg = ModelGraph(gm=gm, name=name, param_shapes=param_shapes, param_dtypes=param_dtypes,
-                    layers=_count_layers(param_shapes), batch_size=batch, seq_len=seq)
-    annotate(gm)
-    return mg
+    return ModelGraph(gm=gm, name=name, param_shapes=param_shapes, param_dtypes=param_dtypes,
+                      layers=_count_layers(param_shapes), batch_size=batch, seq_len=seq)
 
 
 def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
@@ -65,8 +160,13 @@ def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def annotate(gm: fx.GraphModule) -> None:
-    """Write ``node.meta["autopar"]`` for every call_function node of ``gm``."""
+def annotate(gm: fx.GraphModule, number=int) -> None:
+    """Write ``node.meta["autopar"]`` for every call_function node of ``gm`` that computes tensors.
+
+    One rule set for both captures: the FLOP and byte formulas run on the traced sizes (ints, or
+    ``torch.SymInt`` for a symbolic capture) and ``number`` turns each fact and output size into what
+    ``NodeInfo`` stores (``int``, or :func:`search.symbolic.expression`).
+    """
     needs_grad = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -79,9 +179,9 @@ def annotate(gm: fx.GraphModule) -> None:
             needs_grad.add(node)
     canonical = _canonical_param_names(gm)
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        node.meta["autopar"] = _node_info(gm, node, node in needs_grad, canonical)
+        if node.op != "call_function" or isinstance(node.meta.get("val"), _SIZES):
+            continue  # a symbolic capture's size arithmetic (sym_size, B * S for a view) moves no tensor
+        node.meta["autopar"] = _node_info(gm, node, node in needs_grad, canonical, number)
 
 
 def _canonical_param_names(gm: fx.GraphModule) -> dict[str, str]:
@@ -94,7 +194,8 @@ def _canonical_param_names(gm: fx.GraphModule) -> dict[str, str]:
     return out
 
 
-def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[str, str] | None = None) -> NodeInfo:
+def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[str, str] | None = None,
+               number=int) -> NodeInfo:
     op = _op_name(node.target)
     out = node.meta.get("val")
     out_t = _first_tensor(out)
@@ -104,7 +205,7 @@ def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[st
     if op in ("linear", "addmm", "mm", "bmm", "matmul", "baddbmm"):
         bwd = _MATMUL_BWD * fwd
     elif op == "scaled_dot_product_attention":
-        bwd = int(_SDPA_BWD * fwd)
+        bwd = fwd * _SDPA_BWD.numerator // _SDPA_BWD.denominator
     else:
         bwd = fwd
     canonical = canonical or {}
@@ -112,16 +213,16 @@ def _node_info(gm: fx.GraphModule, node: fx.Node, grad: bool, canonical: dict[st
                    if a.op == "get_attr" and isinstance(attrgetter(a.target)(gm), torch.nn.Parameter))
     return NodeInfo(
         op=op,
-        shape=tuple(out_t.shape) if out_t is not None else None,
+        shape=tuple(number(d) for d in out_t.shape) if out_t is not None else None,
         dtype=_dtype_name(out_t.dtype) if out_t is not None else None,
-        fwd_flops=fwd,
-        bwd_flops=bwd if grad else 0,
-        bytes_read=in_bytes,
-        bytes_written=out_bytes,
+        fwd_flops=number(fwd),
+        bwd_flops=number(bwd if grad else 0),
+        bytes_read=number(in_bytes),
+        bytes_written=number(out_bytes),
         params=params,
         scope=_scope(node),
         source=_source(node),
-        output_bytes=out_bytes,
+        output_bytes=number(out_bytes),
     )
 
 
@@ -146,6 +247,7 @@ def _flops(op: str, node: fx.Node, out) -> int:
     return out.numel()  # element-wise, norms, reductions: one FLOP per output element (memory-bound)
 
 
+_SIZES = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _VIEW_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "expand", "unsqueeze", "squeeze",
              "slice", "select", "split", "chunk", "getitem", "t", "contiguous", "alias", "detach",
              "_assert_tensor_metadata", "to", "clone", "flatten", "unflatten"}
@@ -225,14 +327,60 @@ def _disable_kv_cache(model: torch.nn.Module) -> None:
 
 def _explain_export_failure(model: torch.nn.Module, exc: Exception) -> str:
     """Name the failing op/module and the user's source line, and say what to do."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    here = os.path.abspath(__file__)
-    user = [f for f in frames if not f.filename.startswith("<") and not f.filename.startswith(_TORCH_DIR)
-            and "site-packages/torch" not in f.filename and os.path.abspath(f.filename) != here]
+    user = _user_frames(traceback.extract_tb(exc.__traceback__))
     where = f" at {user[-1].filename.rsplit('/', 1)[-1]}:{user[-1].lineno} ({user[-1].line})" if user else ""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"could not capture {type(model).__name__} with torch.export{where}: {type(exc).__name__}: {first[:300]}. "
             + _advice(exc))
+
+
+def _explain_specialization(model: torch.nn.Module, names: list[str], guards: list[tuple[str, str]]) -> str:
+    """Which of B/S the model's code ties to a constant, and the user's line that does it."""
+    which = " and ".join(dict.fromkeys(names))
+    # the first guard that compares a symbol with a number (not two symbols: the batch of two inputs is equal)
+    site = next((f" at {where} (guard {expr})" for expr, where in guards
+                 if where and re.search(r"\d", re.sub(r"\bs\d+\b", "", expr))), "")
+    return (f"could not capture {type(model).__name__} with {which} symbolic: its code compares {which} with a "
+            f"constant{site}, which fixes or bounds it. Keep that dimension concrete (capture_symbolic(..., seq_dims=()) for the "
+            "sequence, capture() for both), or size what it is compared with by the input instead of the "
+            "config (e.g. slice a position table to the length).")
+
+
+class _GuardSites(logging.Handler):
+    """While attached, records (guard, "file.py:line (code)") for every guard torch.export adds: the
+    ShapeEnv logs each one at INFO from inside the traced call, so the stack at ``emit`` holds the
+    user's frame (export's own error names the dimension only)."""
+
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.guards: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "[guard added]" in str(record.msg):
+            user = _user_frames(traceback.extract_stack())
+            where = f"{user[-1].filename.rsplit('/', 1)[-1]}:{user[-1].lineno} ({user[-1].line})" if user else ""
+            self.guards.append((str(record.args[1]), where))
+
+    def __enter__(self) -> "_GuardSites":
+        log = self.logger
+        self.saved = log.level, log.propagate, log.handlers
+        # ours alone: torch's handlers (on this logger and its parents) would print every INFO record
+        log.setLevel(logging.INFO)
+        log.propagate, log.handlers = False, [self]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log = self.logger
+        log.level, log.propagate, log.handlers = self.saved
+
+
+def _user_frames(frames) -> list:
+    """The frames of ``frames`` in the user's code: not torch's, Python's or this module's."""
+    here = os.path.abspath(__file__)
+    return [f for f in frames if not f.filename.startswith(("<", _TORCH_DIR, _STDLIB_DIR))
+            and "site-packages/torch" not in f.filename and os.path.abspath(f.filename) != here]
 
 
 def _advice(exc: Exception) -> str:
