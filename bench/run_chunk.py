@@ -26,6 +26,11 @@ MEASURED
   off): otherwise every block over 32 MiB is a fresh mmap and its pages are zeroed by the kernel on each
   step, a cost only the configurations with the largest tensors pay. Minor page faults and system CPU time
   per step are recorded either way.
+* Planner's choice: ``search.chunking.select``, the greedy of the planner's ``_chunked`` (same ranking by
+  predicted bytes freed per second, same chunk counts ``search.baseline.CHUNKS``, same time model on the
+  ``cpu`` profile with ``kernel_launch_s`` measured at the start of the run), asked to bring the activation
+  peak down to ``PLANNER_LIMIT`` = 40 % of the measured unchunked peak, i.e. to free 60 % of it (the
+  issue's target). Its entries (region kinds, each with its own k) are measured like the other rows.
 * Diagnostics (not in ``--quick``, not part of the verdict): one kind of region at a time, k = ``DIAG_K``.
 * Loss (every step) within 1e-5 of the unchunked loss; the largest parameter-gradient difference is shown.
 * Longest fit: the largest sequence (GPT) or residue count N (Evoformer) whose activation peak stays within
@@ -34,9 +39,10 @@ MEASURED
   base size, then bisection on multiples of ``GRAIN``. A probe stops as soon as the live bytes exceed the
   limit by more than the parameters' bytes (so no run is allowed to grow far past it).
 
-PREDICTED: the cost model's drop for the same configuration, sum over regions of
-``instances * (act_bytes - chunk_memory(region, k))`` (the saved activations chunking frees; a lower bound
-of the drop after the forward, see search/chunking.py), next to the measured drops (after fwd, step peak).
+PREDICTED: the cost model's drop of the activation peak for the same configuration,
+``search.chunking.chunk_drop`` (saved bytes freed + the fall of the largest backward transient, see
+search/chunking.py), next to the measured drops (after fwd, step peak) and their ratio; for the planner's row
+also the predicted extra step time (``chunk_seconds``) next to the measured one.
 
 Target (the issue): >= 60 % activation-memory reduction at <= 15 % slowdown on at least two models.
 ``--quick``: 3 timed rounds, no per-kind rows and a coarser bisection grain. See bench/README.md.
@@ -56,15 +62,14 @@ import statistics
 import sys
 import time
 import warnings
-import weakref
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
+
+from runtime.memory import LiveBytes  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
@@ -72,6 +77,7 @@ SEED = 0
 BATCH = 1
 KS = (2, 4, 8, 16)
 DIAG_K = 4  # the per-kind diagnostic rows chunk one kind of region at a time this many ways
+PLANNER_LIMIT = 0.40  # the planner's row: chunk until the predicted peak is this fraction of the unchunked one
 LOSS_TOL = 1e-5
 TARGET_REDUCTION, TARGET_SLOWDOWN = 0.60, 0.15
 # name -> (zoo preset whose config is replaced, config changes, base size, size field, bisection grain (full, quick))
@@ -79,6 +85,8 @@ MODELS = {
     "gpt": ("gpt-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4), 4096, "seq", (256, 1024)),
     "evoformer": ("evoformer-tiny", dict(in_channels=16, pair=32, heads=4, tri=32, blocks=2, bins=32), 256,
                   "residues", (32, 64)),
+    "llama": ("llama-tiny", dict(vocab=8192, hidden=256, layers=4, heads=4, kv_heads=2, ffn=688), 4096, "seq",
+              (256, 1024)),
 }
 RESULTS = ROOT / "bench" / "results" / "chunk.json"
 MiB = 2 ** 20
@@ -91,13 +99,14 @@ def build(name: str, size: int):
     from examples import zoo
     from examples.evoformer import Evoformer, example_inputs
     from examples.gpt import GPT
+    from examples.llama import Llama
 
     preset, changes, _, field, _ = MODELS[name]
     cfg = dataclasses.replace(zoo.get(preset).config, **changes, **{field: size})
     torch.manual_seed(SEED)
     if name == "evoformer":
         return Evoformer(cfg), example_inputs(cfg, BATCH, "cpu", SEED)
-    model = GPT(cfg)
+    model = Llama(cfg) if name == "llama" else GPT(cfg)
     g = torch.Generator().manual_seed(SEED)
     ids = torch.randint(0, cfg.vocab, (BATCH, size), generator=g)
     tgt = torch.randint(0, cfg.vocab, (BATCH, size), generator=g)
@@ -107,13 +116,32 @@ def build(name: str, size: int):
 def describe(name: str, model) -> str:
     c = model.config
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    if name == "gpt":
-        return f"GPT h={c.hidden} l={c.layers} heads={c.heads} V={c.vocab} ({n:.1f}M)"
+    if name in ("gpt", "llama"):
+        kv = f" kv={c.kv_heads} ffn={c.ffn}" if name == "llama" else ""
+        return f"{name.capitalize()} h={c.hidden} l={c.layers} heads={c.heads}{kv} V={c.vocab} ({n:.1f}M)"
     return f"Evoformer c_z={c.pair} tri={c.tri} heads={c.heads} blocks={c.blocks} bins={c.bins} ({n:.2f}M)"
 
 
 def entries(regions, k: int) -> list[dict]:
     return [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in regions]
+
+
+def planner_choice(regions, need: float, launch_s: float) -> tuple[list[dict], float, float]:
+    """(entries, predicted drop, predicted extra seconds) of the planner's greedy asked to free ``need``
+    bytes, timed with the ``cpu`` profile (its ``kernel_launch_s`` replaced by ``launch_s``, measured now):
+    one device runs the whole captured step, one microbatch."""
+    from search.baseline import CHUNKS
+    from search.chunking import chunk_seconds, select
+    from search.cluster import get_cluster
+
+    cl = dataclasses.replace(get_cluster("cpu"), kernel_launch_s=launch_s)
+
+    def seconds(r, k):
+        return chunk_seconds(r, k, cl, "fp32", r.instances)
+
+    chosen, drop = select(regions, need, CHUNKS, seconds)
+    return ([{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()], drop,
+            sum(seconds(r, k) for r, k in chosen.items()))
 
 
 def graph(model, args, chunking: list[dict] | None):
@@ -130,51 +158,21 @@ class Exceeded(Exception):
     pass
 
 
-class ActivationBytes(TorchDispatchMode):
-    """Live bytes of the storages aten ops create under this mode (``tests/test_chunk.LiveBytes``), minus
-    ``exclude`` (parameter and input storages), with a timeline so that the storages that become parameter
-    gradients can be taken out afterwards (:meth:`activation_peak`). ``abort_above``: raise
-    :class:`Exceeded` as soon as the live bytes exceed it."""
+class ActivationBytes(LiveBytes):
+    """``runtime.memory.LiveBytes`` minus ``exclude`` (parameter and input storages, by address), whose
+    timeline lets the storages that become parameter gradients be taken out afterwards
+    (:meth:`activation_peak`). ``abort_above``: raise :class:`Exceeded` as soon as the live bytes exceed it."""
 
     def __init__(self, exclude: set[int], abort_above: float | None = None):
         super().__init__()
         self.exclude = exclude
         self.abort_above = abort_above
-        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors, storage id]
-        self.events: list[tuple[int, int]] = []  # (storage id, +bytes | -bytes)
-        self.live = self.peak = 0
-        self.sids = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                self._track(t)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
         if self.abort_above is not None and self.live > self.abort_above:
             raise Exceeded(f"{self.live} live bytes > {self.abort_above:.0f}")
         return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
-        if key in self.exclude:
-            return
-        if key not in self.refs:
-            nbytes = t.untyped_storage().nbytes()
-            self.refs[key] = [nbytes, 0, self.sids]
-            self.events.append((self.sids, nbytes))
-            self.sids += 1
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        self.refs[key][1] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.refs[key]
-        entry[1] -= 1
-        if not entry[1]:
-            self.live -= entry[0]
-            self.events.append((entry[2], -entry[0]))
-            del self.refs[key]
 
     def activation_peak(self, grads: set[int]) -> tuple[int, int, int]:
         """(peak bytes, the event index it is reached at, grad bytes) without the storages (alive now) at
@@ -293,9 +291,9 @@ def time_configs(gms: dict, args, warmup: int, steps: int, threads: int) -> dict
 
 
 # --------------------------------------------------------------------------------------------- per model
-def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
+def run_model(name: str, quick: bool, threads: int, keep: bool, launch_s: float) -> dict:
     from planner.capture import capture
-    from search.chunking import chunk_memory, chunk_regions
+    from search.chunking import chunk_drop, chunk_regions
     from search.fold import fold
 
     preset, changes, base, field, grains = MODELS[name]
@@ -305,9 +303,13 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
     mg = capture(copy.deepcopy(model), args, name=name)
     regions = chunk_regions(mg, fold(mg))
     analysis_s = time.perf_counter() - t0
+    unchunked_peak = measure_memory(graph(model, args, None), args)["peak_bytes"]
+    need = (1 - PLANNER_LIMIT) * unchunked_peak
+    choice, choice_drop, choice_s = planner_choice(regions, need, launch_s)
     configs = {"unchunked": None, "k=1 ckpt": entries(regions, 1),
-               **{f"k={k}": entries(regions, k) for k in KS}}
-    chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS}}
+               **{f"k={k}": entries(regions, k) for k in KS}, "planner": choice}
+    chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS},
+              "planner": max((e["chunks"] for e in choice), default=0)}
     kinds = list(dict.fromkeys(r.kind for r in regions))
     for kind in [] if quick else kinds:  # diagnostics: one kind at a time, k = DIAG_K (not part of the verdict)
         configs[f"{kind} only, k={DIAG_K}"] = [e for e in entries(regions, DIAG_K) if e["kind"] == kind]
@@ -323,6 +325,7 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
         if ref_grads is None:
             ref_loss, ref_grads = loss, grads
         rows[n] = {"config": n, "chunks": chunks[n], "entries": configs[n], "diagnostic": " only, " in n,
+                   "planner": n == "planner",
                    "max_abs_grad_diff": max((grads[k] - ref_grads[k]).abs().max().item() for k in grads),
                    "max_abs_grad": max(g.abs().max().item() for g in ref_grads.values())}
         del grads
@@ -339,9 +342,10 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
     for n, row in rows.items():
         m, t = row["memory"], timed[n]
         k = row["chunks"]
-        chunked = {(e["kind"], e["scope"]) for e in configs[n] or []}
-        mine = [r for r in regions if (r.kind, r.scope) in chunked]
-        predicted = sum(r.instances * (r.act_bytes - chunk_memory(r, k)) for r in mine)
+        ks = {(e["kind"], e["scope"]): e["chunks"] for e in configs[n] or []}
+        mine = {r: ks[(r.kind, r.scope)] for r in regions if (r.kind, r.scope) in ks}
+        predicted = chunk_drop(regions, mine)
+        measured_drop = base_mem["peak_bytes"] - m["peak_bytes"]
         losses = [m["loss"], *t["losses"]]
         row.update({
             "activation_peak_bytes": m["peak_bytes"],
@@ -351,8 +355,9 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
             "measured_peak_drop_bytes": base_mem["peak_bytes"] - m["peak_bytes"],
             "measured_after_forward_drop_bytes": base_mem["after_forward_bytes"] - m["after_forward_bytes"],
             "predicted_drop_bytes": predicted,
-            "predicted_per_region_drop_bytes": {f"{r.kind} {r.scope}": r.instances * (r.act_bytes - chunk_memory(r, k))
-                                                for r in mine},
+            "predicted_over_measured_drop": predicted / measured_drop if measured_drop else None,
+            "predicted_per_region_drop_bytes": {f"{r.kind} {r.scope}": chunk_drop(regions, {r: rk})
+                                                for r, rk in mine.items()},
             "minor_page_faults_per_step": statistics.median(t["minflt"]),
             "sys_s_per_step": statistics.median(t["sys_s"]),
             "step_times_s": t["times"], "step_ratios": t["ratios"],
@@ -365,12 +370,16 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
         row["loss_ok"] = row["max_abs_loss_diff"] <= LOSS_TOL
         row["meets_target"] = bool(k) and row["reduction"] >= TARGET_REDUCTION and row["slowdown"] <= TARGET_SLOWDOWN
         row["counts_for_target"] = bool(k) and not row["diagnostic"]
+        if row["planner"]:
+            row.update({"limit_bytes": PLANNER_LIMIT * base_mem["peak_bytes"], "need_bytes": need,
+                        "predicted_extra_s": choice_s, "measured_extra_s": row["median_step_s"] - base_t,
+                        "predicted_drop_at_selection_bytes": choice_drop})
     del gms
     gc.collect()
 
     # ---- longest fit within the unchunked activation peak at the base size
     limit = base_mem["peak_bytes"]
-    best = min((r for r in rows.values() if r["chunks"] > 1 and not r["diagnostic"]),
+    best = min((r for r in rows.values() if r["chunks"] > 1 and not r["diagnostic"] and not r["planner"]),
                key=lambda r: r["activation_peak_bytes"])
     grain = grains[1] if quick else grains[0]
     fit = {"limit_bytes": limit, "grain": grain, "field": field, "base": base, "best_k": best["chunks"]}
@@ -383,6 +392,7 @@ def run_model(name: str, quick: bool, threads: int, keep: bool) -> dict:
                   "description": describe(name, model),
                   "params": sum(p.numel() for p in model.parameters())},
         "regions": [dataclasses.asdict(r) for r in regions],
+        "planner_limit_fraction": PLANNER_LIMIT, "kernel_launch_s": launch_s,
         "analysis_s": analysis_s,
         "reference_loss": ref_loss,
         "warmup": warmup, "steps": steps, "timing_threads": threads, "memory_threads": torch.get_num_threads(),
@@ -441,7 +451,7 @@ def print_tables(res: dict) -> None:
         t.add_column("config", justify="right", no_wrap=True)
         for col in ("act peak MiB", "reduction", "peak in", "after fwd MiB", "step ms", "slowdown",
                     "(of medians)", "minflt /step", "sys ms /step", "PRED drop MiB", "meas drop after fwd",
-                    "meas drop peak", "|Δloss|", "max |Δgrad|", "target"):
+                    "meas drop peak", "pred/meas", "|Δloss|", "max |Δgrad|", "target"):
             t.add_column(col, justify="right")
         for i, r in enumerate(m["rows"]):
             base = r["chunks"] == 0
@@ -456,19 +466,27 @@ def print_tables(res: dict) -> None:
                       "-" if base else f"{r['predicted_drop_bytes'] / MiB:.1f}",
                       "-" if base else f"{r['measured_after_forward_drop_bytes'] / MiB:.1f}",
                       "-" if base else f"{r['measured_peak_drop_bytes'] / MiB:.1f}",
+                      "-" if base or not r["predicted_over_measured_drop"] else f"{r['predicted_over_measured_drop']:.2f}",
                       f"{r['max_abs_loss_diff']:.1e}" + ("" if r["loss_ok"] else " NO"),
                       f"{r['max_abs_grad_diff']:.1e}",
                       "-" if base else ("MET" if r["meets_target"] else "no") + ("*" if r["diagnostic"] else ""))
         con.print(t)
         con.print("  regions: " + "; ".join(
-            f"{r['kind']} {r['scope']} ×{r['instances']} (act {r['act_bytes'] / MiB:.1f} MiB, out "
-            f"{r['output_bytes'] / MiB:.1f})" for r in m["regions"]))
+            f"{r['kind']} {r['scope']} ×{r['instances']} (S {r['saved_bytes'] / MiB:.1f}, T "
+            f"{r['transient_bytes'] / MiB:.1f}, I {r['grad_input_bytes'] / MiB:.1f} MiB)" for r in m["regions"]))
+        pr = next(r for r in m["rows"] if r["planner"])
+        con.print(f"  planner = search.chunking.select asked for ≤ {100 * m['planner_limit_fraction']:.0f}% of the "
+                  f"unchunked peak ({pr['limit_bytes'] / MiB:.1f} MiB; kernel_launch_s "
+                  f"{m['kernel_launch_s'] * 1e6:.1f} µs): "
+                  + (", ".join(f"{e['kind']} ×{e['chunks']}" for e in pr["entries"]) or "nothing")
+                  + f"; predicted extra {pr['predicted_extra_s'] * 1e3:.0f} ms/step, measured "
+                  f"{pr['measured_extra_s'] * 1e3:.0f} ms")
         la = m["loadavg_1_5_15"]
         con.print(f"  k=1 ckpt = every region under checkpoint as one chunk (the recompute alone). slowdown = median "
                   f"over rounds of (step / unchunked step of the same round) − 1; (of medians) = median step / "
                   f"unchunked median step − 1. minflt, sys = minor page faults and system CPU time per step "
                   f"(median). Load average {la['before_timing'][0]:.2f} before timing, {la['after_timing'][0]:.2f} "
-                  "after. PRED drop = Σ instances × (act_bytes − chunk_memory(r, k)) over the chunked regions. "
+                  "after. PRED drop = chunk_drop (saved bytes freed + fall of the largest backward transient). "
                   "target = ≥60% reduction and ≤15% slowdown (* diagnostic rows do not count).")
     t = Table(title="MEASURED — longest size whose activation peak fits the limit (= unchunked peak at the base size); "
                     "doubling then bisection")
@@ -495,15 +513,30 @@ def main() -> int:
                     help="glibc malloc during the timed steps: keep freed pages (default) or glibc's defaults")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the timed steps (default 1, see the "
                     "README: on a shared machine multi-threaded small kernels turn others' load into stalls)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of "
+                    f"{', '.join(MODELS)}; the others' results already in the results file are kept")
     opts = ap.parse_args()
+    names = opts.models.split(",")
+    if set(names) - set(MODELS):
+        ap.error(f"unknown models {sorted(set(names) - set(MODELS))}; known: {', '.join(MODELS)}")
     t0 = time.perf_counter()
+    from runtime.calibrate import measure_kernel_launch
+
+    launch_s = measure_kernel_launch()
     res = {"command": "bench/run_chunk.py" + (" --quick" if opts.quick else "")
            + (f" --threads {opts.threads}" if opts.threads != 1 else "")
            + (" --malloc default" if opts.malloc == "default" else ""), "quick": opts.quick,
            "torch": torch.__version__, "cpu_count": os.cpu_count(), "dtype": "fp32", "ks": list(KS),
            "target": {"reduction": TARGET_REDUCTION, "slowdown": TARGET_SLOWDOWN, "models": 2},
-           "timing_threads": opts.threads, "timing_malloc": opts.malloc,
-           "models": {name: run_model(name, opts.quick, opts.threads, opts.malloc == "keep") for name in MODELS}}
+           "timing_threads": opts.threads, "timing_malloc": opts.malloc, "kernel_launch_s": launch_s,
+           "planner_limit_fraction": PLANNER_LIMIT,
+           "models": {name: run_model(name, opts.quick, opts.threads, opts.malloc == "keep", launch_s)
+                      for name in names}}
+    if set(names) != set(MODELS) and RESULTS.exists():  # a partial run: keep the other models' last results
+        earlier = json.loads(RESULTS.read_text())
+        res["models"] = {n: res["models"].get(n, earlier["models"].get(n)) for n in MODELS
+                         if n in res["models"] or n in earlier["models"]}
+        res["command"] += f" --models {opts.models} (other models: {earlier['command']})"
     res["target"]["met_on"] = [n for n, m in res["models"].items() if m["meets_target"]]
     res["target"]["met"] = len(res["target"]["met_on"]) >= 2
     res["wall_s"] = time.perf_counter() - t0

@@ -31,8 +31,11 @@ class GPTConfig:
     heads: int
     ffn: int | None = None  # None -> 4 * hidden
     tie_embeddings: bool = True
+    attention: str = "sdpa"  # "sdpa" (fused) or "eager": matmul, causal mask, softmax, matmul
 
     def __post_init__(self):
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"attention must be 'sdpa' or 'eager', got {self.attention!r}")
         if self.ffn is None:
             self.ffn = 4 * self.hidden
         if self.hidden % self.heads:
@@ -42,7 +45,7 @@ class GPTConfig:
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.hidden, self.heads = cfg.hidden, cfg.heads
+        self.hidden, self.heads, self.eager = cfg.hidden, cfg.heads, cfg.attention == "eager"
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
@@ -53,7 +56,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.heads, hd).transpose(1, 2)
         k = k.view(B, T, self.heads, hd).transpose(1, 2)
         v = v.view(B, T, self.heads, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.eager:  # the attention-score tensors [B, heads, T, T] are saved for backward
+            scores = (q @ k.transpose(-2, -1)) * hd ** -0.5
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            y = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj(y)
 

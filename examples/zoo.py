@@ -68,6 +68,8 @@ _SPECS = [
            hidden=8192, layers=80, heads=64, kv_heads=8, ffn=28672),
     _bert("bert-large", "BERT-large, 340M", vocab=30522, seq=512, hidden=1024, layers=24, heads=16),
     _gpt("gpt-tiny", "tiny GPT for tests", vocab=128, seq=32, hidden=64, layers=2, heads=4),
+    _gpt("gpt-tiny-eager", "tiny GPT, eager matmul-softmax attention (selective recompute)", vocab=128, seq=32,
+         hidden=64, layers=2, heads=4, attention="eager"),
     _llama("llama-tiny", "tiny Llama for tests", vocab=128, seq=32, hidden=64, layers=2, heads=4,
            kv_heads=2, ffn=128),
     _bert("bert-tiny", "tiny BERT for tests", vocab=128, seq=32, hidden=64, layers=2, heads=4),

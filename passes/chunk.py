@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 from torch.utils.checkpoint import checkpoint
 
+from passes.outline import outline
 from search.chunkflow import (MEAN_OPS, ChunkDim, ChunkError, ChunkFlow, _op, _show, causal_queries, chunk_flow,
                               reduction_kind)
 from search.chunking import KINDS, find_regions, matching_scopes
@@ -52,21 +53,8 @@ def apply_chunk(gm: fx.GraphModule, region: list[str], dim: int, chunks: int) ->
     if not 1 <= chunks <= flow.size:
         raise ChunkError(f"chunks must be between 1 and the axis length {flow.size}, got {chunks}")
     body, pass_start = _body(flow)
-    name = _free_name(gm, "chunked_" + flow.body[0].name)
-    gm.add_module(name, ChunkedRegion(body, [flow.dims.get(n) for n in flow.inputs], flow.combine, chunks,
-                                      pass_start))
-    graph, members = gm.graph, set(flow.body)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first_user = min((u for n in flow.outputs for u in n.users if u not in members), key=order.get)
-    with graph.inserting_before(first_user):
-        call = graph.call_module(name, tuple(flow.inputs))
-        for i, out in enumerate(flow.outputs):
-            item = graph.call_function(operator.getitem, (call, i))
-            item.meta = dict(out.meta)  # stands for ``out``: same (global) value metadata
-            out.replace_all_uses_with(item, delete_user_cb=lambda u: u not in members)
-    for n in reversed(flow.body):
-        graph.erase_node(n)
-    graph.lint()
+    module = ChunkedRegion(body, [flow.dims.get(n) for n in flow.inputs], flow.combine, chunks, pass_start)
+    outline(gm, flow.body, flow.inputs, flow.outputs, module, "chunked_" + flow.body[0].name)
     gm.recompile()
     return gm
 
@@ -239,11 +227,3 @@ def _mse_parts(a, b, reduction=1):
 _PARTS = {aten.mean.default: _mean_parts, aten.mean.dim: _mean_parts,
           aten.cross_entropy_loss.default: _cross_entropy_parts, aten.mse_loss.default: _mse_parts}
 assert set(_PARTS) == set(MEAN_OPS), "one (sum, count) part function per mean op the analysis splits"
-
-
-
-def _free_name(gm: fx.GraphModule, base: str) -> str:
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    return name

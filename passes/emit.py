@@ -1,4 +1,4 @@
-"""emit: compose the transforms of a Plan on one rank, in a fixed order (tp, then dp), or split it
+"""emit: compose the transforms of a Plan on one rank, in a fixed order (tp, sp, chunking, recompute, dp), or split it
 into pipeline stages (``emit_pipeline``)."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from passes.dp import apply_dp
 from passes.pipeline import split_stages
+from passes.recompute import apply_recompute
 from passes.chunk import apply_chunking
 from passes.dsp import apply_dsp
 from passes.sp import apply_sp
@@ -21,10 +22,9 @@ from search.seqshard import Unsupported
 def check_emittable(plan) -> None:
     """BadInput for plan features autopar prices but cannot run yet (before any group is built)."""
     deg = plan.degrees
-    if deg["pp"] > 1 and (deg["tp"] > 1 or deg["zero"]):
-        raise BadInput(f"the plan pipelines over pp={deg['pp']} with tp={deg['tp']}, zero={deg['zero']}: autopar "
-                       "emits pipelines with data parallelism only (tp=1, zero=0) so far; re-plan with "
-                       "--fix tp=1,zero=0 or --fix pp=1")
+    if deg["pp"] > 1 and deg["zero"]:
+        raise BadInput(f"the plan pipelines over pp={deg['pp']} with ZeRO stage {deg['zero']}: autopar emits "
+                       "pipelines with plain data parallelism (zero=0) so far; re-plan with --fix zero=0 or --fix pp=1")
     if deg["pp"] > 1 and deg["sp"] > 1:
         raise BadInput(f"the plan pipelines over pp={deg['pp']} with sp={deg['sp']}: autopar emits sequence "
                        "parallelism without pipelining so far; re-plan with --fix sp=1 or --fix pp=1")
@@ -32,18 +32,34 @@ def check_emittable(plan) -> None:
         raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
                        "but cannot emit yet; re-plan with --fix microbatches=1")
     recompute = plan.recompute  # "none" | "selective" | "full", or one of those per module
-    if set(recompute.values() if isinstance(recompute, dict) else [recompute]) - {"none"}:
-        raise BadInput(f"the plan recomputes activations (recompute={recompute}), which autopar prices but "
-                       "cannot emit yet; re-plan with --fix recompute=none (auto_parallelize pins it)")
+    if not isinstance(recompute, str):
+        raise BadInput(f"the plan recomputes per module ({recompute}), which autopar cannot emit yet; re-plan "
+                       "with one --fix recompute=none|selective|full")
 
 
-def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: BatchSplit) -> PipelineModule:
-    """Split ``gm`` (captured at one microbatch of this replica's slice ``batch``) at ``cuts`` into the
-    plan's stages, in model order, run them with its schedule over the mesh's "pp" axis, and average
-    gradients over its "dp" axis once per step."""
-    runner = PipelineRunner(split_stages(gm, cuts), plan.pipeline["schedule"], plan.pipeline["microbatches"],
+def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: BatchSplit,
+                  blocks: list[str]) -> PipelineModule:
+    """Rewrite ``gm`` (captured at one microbatch of this replica's slice ``batch``) for this rank's
+    tensor-parallel rank over the mesh's "tp" axis, split it at ``cuts`` into the plan's stages, in
+    model order, run them with its schedule over the "pp" axis, and average gradients over "dp" once
+    per step. Tensor parallelism is applied to the whole graph before the split: the stages hold this
+    rank's shards and run the cone collectives, and a cut sends what the tp layout leaves there (the
+    replicated residual stream between Megatron cones; its 1/tp sequence block under Megatron-SP).
+    Recompute applies per stage, to the blocks (``blocks``: their module scopes) or attention cores it holds."""
+    tp = plan.degrees["tp"]
+    styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
+    shards = propagate(gm, styles, tp, plan.megatron_sp).param_shards if tp > 1 else {}
+    order = [n.name for n in gm.graph.nodes]
+    apply_tp(gm, styles, mesh.group("tp"), tp, mesh.local_rank("tp"), sequence=plan.megatron_sp)
+    alive = {n.name for n in gm.graph.nodes}  # a cut on a shape assert the rewrite dropped moves to the next node
+    stages = split_stages(gm, [next(x for x in order[order.index(c):] if x in alive) for c in cuts])
+    for stage in stages:
+        apply_recompute(stage, plan.recompute, blocks, required=False)
+    held = {id(t): name for st in stages for name, t in st.state_dict(keep_vars=True).items()}
+    aliases = {name: held[id(t)] for name, t in gm.state_dict(keep_vars=True).items() if id(t) in held}
+    runner = PipelineRunner(stages, plan.pipeline["schedule"], plan.pipeline["microbatches"],
                             group=mesh.group("pp"), all_pipelines=mesh.all_groups("pp"))
-    module = PipelineModule(runner, plan, batch)
+    module = PipelineModule(runner, plan, mesh, aliases, batch, param_shards=shards)
     if mesh.size("dp") > 1:
         module.grad_sync = apply_dp(module, mesh.group("dp"), plan.degrees["zero"])
         module.dp_group = mesh.group("dp")
@@ -79,11 +95,12 @@ def _sp_rank(mesh: Mesh) -> int:
     return mesh.local_rank("spo") * mesh.size("spi") + mesh.local_rank("spi")
 
 
-def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> DistributedModule:
+def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit, blocks: list[str]) -> DistributedModule:
     """Rewrite ``gm`` for this rank as ``plan`` says (:func:`check_emittable` first): tensor parallelism,
-    then sequence parallelism, then gradient averaging over the ranks that share parameters. ``gm`` was
-    captured on this rank's data-parallel slice of the example inputs (``batch.replica``); ``mesh`` is
-    :func:`plan_mesh`."""
+    then sequence parallelism, chunking, recompute, then gradient averaging over the ranks that share
+    parameters. ``gm`` was captured on this rank's data-parallel slice of the example inputs
+    (``batch.replica``); ``mesh`` is :func:`plan_mesh`; ``blocks``: the module scopes of its repeated
+    blocks (``search.recompute.block_scopes``, what full recompute checkpoints)."""
     deg = plan.degrees
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]
@@ -106,6 +123,7 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit) -> Distributed
         replicas = ("dp", "spo", "spi") if two_d else ("dp", "sp")
     if plan.chunking:
         apply_chunking(gm, plan.chunking)
+    apply_recompute(gm, plan.recompute, blocks)
     group = mesh.joint_group(replicas)
     sync = apply_dp(gm, group, deg["zero"])
     return DistributedModule(gm, plan, mesh, sync, shards, batch, group)

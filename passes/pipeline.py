@@ -16,6 +16,9 @@ A stage is a plain ``fx.GraphModule``:
   through the pipe.
 - values that depend on no trainable parameter (positions, rope tables, masks, reshaped targets) are
   recomputed in every stage that reads them instead of being sent; random ops are never recomputed.
+- a graph rewritten by ``passes.tp`` keeps its collectives (``call_module`` nodes) in the stage of their
+  position; one on parameters only (Megatron-SP's gradient sum of a norm weight, which the rewrite
+  places at the top of the graph) runs in the stage of its first reader.
 - parameters and buffers stay ``get_attr`` nodes with their original FQNs, sharing ``gm``'s tensors.
   A weight read in two stages (GPT's tied ``wte``/``lm_head``) appears in both; ``runtime.pipeline``
   sums its gradient over the ranks that hold those stages (Megatron's embedding group).
@@ -49,6 +52,10 @@ def split_stages(gm: fx.GraphModule, cuts: list[str]) -> list[fx.GraphModule]:
     loss = _loss_node(gm)
     free = _parameter_free(gm)
     stage_of = {n: sum(p >= s for s in starts) for n, p in position.items() if n not in free}
+    for n in nodes:  # a collective on parameters only (tp's gradient sum of a norm weight, inserted at the
+        readers = [stage_of[u] for u in n.users if u in stage_of]  # top of the graph): its first reader's stage
+        if n.op == "call_module" and readers and all(a.op == "get_attr" for a in n.all_input_nodes):
+            stage_of[n] = min(readers)
     num = len(cuts) + 1
 
     last_read = {}  # sent value -> last stage that reads it
@@ -88,10 +95,16 @@ def _build_stage(gm, nodes, stage_of, free, s, inputs, outputs, roots) -> fx.Gra
         elif n in needed and (n in free or stage_of.get(n) == s):
             env[n] = g.node_copy(n, lambda a: env[a])
     g.output(env[outputs] if isinstance(outputs, fx.Node) else tuple(env[v] for v in outputs))
-    g.eliminate_dead_code()
+    g.eliminate_dead_code(is_impure_node=_kept)  # drops the parameters this stage does not read
     stage = fx.GraphModule(gm, g, class_name=f"Stage{s}")
     stage.in_spec = getattr(gm, "_in_spec", None)  # how (args, kwargs) flatten to the root placeholders
     return stage
+
+
+def _kept(n: fx.Node) -> bool:
+    """Nodes dead-code elimination keeps: inputs, output, impure ops, and submodule calls (the
+    tensor-parallel collectives of ``passes.tp``, which every rank of their group must issue)."""
+    return n.op in ("placeholder", "output", "call_module") or (n.op == "call_function" and n.is_impure())
 
 
 def _loss_node(gm: fx.GraphModule) -> fx.Node:

@@ -27,6 +27,7 @@ from search.errors import AutoparError, BadInput
 from search.fold import fold as fold_graph
 from search.fold import no_fold
 from search.placement import propagate
+from search.recompute import block_scopes
 from search.seqpar import preference
 from search.strategy import ilp_select
 
@@ -249,10 +250,10 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
 
     Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``) for dp × tp plans, or for a
-    pipelined plan (pp > 1, with dp so far: tp = 1, zero = 0) a ``PipelineModule`` whose
+    pipelined plan (pp > 1, with dp and tp; zero = 0 so far) a ``PipelineModule`` whose
     ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
     pinned unless ``constraints`` ask for a pipeline, e.g. ``{"pp": 2, "dp": 1, "tp": 1, "microbatches": 4,
-    "schedule": "1f1b"}``.
+    "schedule": "1f1b"}``. Recompute (selective or full) is chosen when memory binds.
     """
     from passes.emit import batch_split, check_emittable, emit, emit_pipeline, plan_mesh
     from runtime.mesh import init_distributed
@@ -276,11 +277,13 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         first = BatchSplit.from_example(local_args, local_kwargs, plan.global_batch // deg["dp"],
                                         plan.pipeline["microbatches"], 0)
         mg = capture(model, *first(local_args, local_kwargs), name=plan.model["name"])
-        regions = fold_graph(mg).regions
-        cuts = [regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
-        return emit_pipeline(mg.gm, plan, cuts, mesh, batch)
+        folding = fold_graph(mg)
+        cuts = [folding.regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
+        blocks = block_scopes(mg, folding) if plan.recompute == "full" else []
+        return emit_pipeline(mg.gm, plan, cuts, mesh, batch, blocks)
     mg = capture(model, *batch.replica(args, kwargs), name=plan.model["name"])
-    return emit(mg.gm, plan, mesh, batch)
+    blocks = block_scopes(mg, fold_graph(mg)) if plan.recompute == "full" else []
+    return emit(mg.gm, plan, mesh, batch, blocks)
 
 
 def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank: int, world: int) -> Plan:
@@ -289,7 +292,7 @@ def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, ra
     if rank == 0:
         try:
             cl = load_cluster(cluster if cluster is not None else "cpu", world)
-            fix = {"zero": 0, "microbatches": 1, "recompute": "none", "pp": 1, **(constraints or {})}  # priced, not emitted yet
+            fix = {"zero": 0, "microbatches": 1, "pp": 1, **(constraints or {})}  # priced, not emitted yet
             msg[0] = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
                                name=type(model).__name__).to_json()
         except AutoparError as exc:

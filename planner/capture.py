@@ -33,7 +33,9 @@ from torch.export import Dim
 
 from search.errors import BadInput, CaptureError
 from search.graph import ModelGraph, NodeInfo
-from search.symbolic import FACTS, SYMBOLS, expression
+from search.graph import expression
+from search.saved import annotate_saved
+from search.symbolic import FACTS, SYMBOLS
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _STDLIB_DIR = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
@@ -62,7 +64,8 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     (those it has) are the sequence S: ``seq_dims=(1, 2)`` for an Evoformer pair tensor [B, N, N, C],
     ``seq_dims=()`` to keep the sequence concrete. The example sizes must agree across arguments and be
     at least 2 (torch.export specialises sizes 0 and 1). Facts and shapes in ``NodeInfo`` are sympy
-    expressions in B and S (integer, positive); ``mg.batch_size``/``mg.seq_len`` are the symbols.
+    expressions in B and S (integer, positive), and so are the saved-activation bytes of
+    ``search.saved`` (``node.meta["saved_bytes"]``); ``mg.batch_size``/``mg.seq_len`` are the symbols.
     Raises :class:`CaptureError` naming the user's line when the model's code compares B or S with a
     constant (a table sized by the config broadcast against the input, a ``view`` with a literal, a
     pooling window over the sequence), and when a size depends on data (``nonzero``). Limits and the
@@ -90,6 +93,7 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
                                f"({info.op} at {info.source or info.scope}) has a size that depends on data, "
                                f"not only on the batch and sequence ({', '.join(map(str, sorted(free, key=str)))}); "
                                "capture it at concrete shapes with capture().")
+    annotate_saved(gm, number=lambda v: expression(v, symbols))  # saved activations: expressions too
     return mg
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from search.errors import BadInput
 from search.pipeline import SCHEDULES as PIPELINE_SCHEDULES
+from search.recompute import RECOMPUTE
 from search.seqpar import VARIANTS as SP_VARIANTS
 
 MAX_BYTES = 50 * 1024 * 1024
@@ -38,7 +39,6 @@ MAX_DEPTH = 20
 
 SCHEDULES = ("none", *PIPELINE_SCHEDULES)
 TP_STYLES = ("colwise", "rowwise")
-RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 TOP_KEYS = (

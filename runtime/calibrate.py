@@ -10,6 +10,10 @@ caches and memory bandwidth. Each rank runs with one thread, as the runtime does
 - ``compute_efficiency``: FLOP/s of a transformer-shaped MLP forward + backward, run on all ``ranks``
   processes at once (slowest rank), divided by the peak;
 - memory bandwidth: copy of a 64 MiB tensor on all ranks at once, (read + write bytes) / time;
+- ``kernel_launch_s``: the fixed cost of one more kernel in a training step, one thread: forward +
+  backward of an element-wise op and of a matmul on [4096, 256] run as 64 slices vs as one op,
+  (sliced - whole) / (2 × 63 launches) (one launch forward, one backward), the mean of the two ops
+  (what activation chunking's time model charges per chunk and kernel);
 - gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median time of a 4-byte and a
   16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
   link, so inter_* = intra_*.
@@ -92,6 +96,36 @@ def measure_memory_bandwidth(nbytes: int = 64 * 1024 * 1024, reps: int = 5) -> f
         dst = torch.empty_like(src)
         dst.copy_(src)
         return 2 * nbytes / _median_time(lambda: dst.copy_(src), reps)
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_kernel_launch(rows: int = 4096, hidden: int = 256, pieces: int = 64, reps: int = 9) -> float:
+    """Seconds one extra kernel costs in a training step (forward + backward), one thread: a gelu and a
+    matmul on [rows, hidden] run whole and as ``pieces`` slices; the mean over the two ops of the
+    median extra time per launch."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(rows, hidden, requires_grad=True)
+        w = torch.randn(hidden, hidden, requires_grad=True)
+        per_op = []
+        for op in (torch.nn.functional.gelu, lambda t: t @ w):
+            def whole():
+                op(x).sum().backward()
+
+            def sliced():
+                sum(op(part).sum() for part in x.split(rows // pieces)).backward()
+
+            for fn in (whole, sliced):
+                fn()  # warm-up
+            t_whole = _median_time(whole, reps)
+            t_sliced = _median_time(sliced, reps)
+            # 2 launches of the op per slice (forward, backward); the slice's own narrow and sum are charged
+            # to them, as a chunk loop pays such bookkeeping per chunk too
+            per_op.append(max(t_sliced - t_whole, 0.0) / (2 * (pieces - 1)))
+        return statistics.mean(per_op)
     finally:
         torch.set_num_threads(old)
 
@@ -184,6 +218,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
     peak = measure_matmul_flops()
+    launch = measure_kernel_launch()
     alpha, bw, raw = measure_ranks(ranks)
     d = {
         "name": "cpu",
@@ -197,6 +232,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
         "inter_bandwidth": bw,
         "inter_latency": alpha,
         "compute_efficiency": min(1.0, raw["training_flops"] / peak),
+        "kernel_launch_s": launch,
     }
     Cluster.from_dict(d)  # validate before anyone caches it
     return d
@@ -236,6 +272,7 @@ def main(argv=None) -> int:
     print(f"cpu profile ({args.ranks} ranks, {time.perf_counter() - t0:.1f} s) -> {where}")
     print(f"  matmul fp32, 1 thread : {pf / 1e9:8.2f} GFLOP/s")
     print(f"  training MLP / peak   : {prof['compute_efficiency']:8.2f} (all ranks busy)")
+    print(f"  kernel launch         : {prof['kernel_launch_s'] * 1e6:8.1f} us (forward + backward, 1 thread)")
     print(f"  memory bandwidth      : {prof['memory_bandwidth'] / 1e9:8.2f} GB/s per rank (all ranks busy)")
     print(f"  gloo bandwidth B      : {prof['intra_bandwidth'] / 1e9:8.3f} GB/s")
     print(f"  gloo latency alpha    : {prof['intra_latency'] * 1e6:8.1f} us")

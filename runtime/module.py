@@ -142,9 +142,13 @@ class DistributedModule(torch.nn.Module):
         out = {}
         for name, t in self.gm.state_dict().items():
             if name in self.param_shards and tp > 1:
-                dim, groups = self.param_shards[name]
-                pieces = all_gather(t.detach().unsqueeze(0), tp_group, dim=0)  # [tp, ...local]
-                pieces = pieces.unflatten(dim + 1, (groups, -1))
-                t = torch.cat(list(pieces), dim=dim + 1).flatten(dim, dim + 1)
+                t = unshard(t, *self.param_shards[name], tp_group)
             out[name] = t.detach().clone()
         return out
+
+
+def unshard(t: torch.Tensor, dim: int, groups: int, group) -> torch.Tensor:
+    """The full tensor whose ``passes.tp.shard_tensor`` pieces the ranks of ``group`` hold (collective)."""
+    pieces = all_gather(t.detach().unsqueeze(0), group, dim=0)  # [tp, ...local]
+    pieces = pieces.unflatten(dim + 1, (groups, -1))
+    return torch.cat(list(pieces), dim=dim + 1).flatten(dim, dim + 1)

@@ -40,6 +40,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.pipelining._utils import generate_stage_to_rank_mapping
 
 from runtime.collectives import all_reduce, all_reduce_mean_scalar
+from runtime.module import unshard
 from search.errors import BadInput
 
 __all__ = ["PipelineRunner", "ScheduleWave", "SCHEDULES", "stage_ranks", "wave_order"]
@@ -235,11 +236,16 @@ class PipelineModule(torch.nn.Module):
     (the whole global batch, as the model takes it) then ``opt.step()`` over ``pmodel.parameters()``
     (this rank's parameters, original names). With data parallelism, ``batch`` takes this replica's
     slice, ``grad_sync`` averages the gradients over ``dp_group`` once per step and the loss returned
-    is the dp mean."""
+    is the dp mean. With tensor parallelism the stages hold this rank's shards: ``param_shards`` maps a
+    sharded parameter's name to its (dim, groups) (``passes.tp.shard_tensor``) over the mesh's "tp"
+    axis. ``aliases`` maps every state name of the model to the name the stages hold its tensor under
+    (a tied weight has two names, the stages keep one; a tensor no stage reads is left out)."""
 
-    def __init__(self, runner: PipelineRunner, plan, batch=None, grad_sync=None, dp_group=None):
+    def __init__(self, runner: PipelineRunner, plan, mesh, aliases: dict[str, str], batch=None, grad_sync=None,
+                 dp_group=None, param_shards: dict[str, tuple[int, int]] | None = None):
         super().__init__()
         self.runner, self.plan, self.batch, self.grad_sync, self.dp_group = runner, plan, batch, grad_sync, dp_group
+        self.mesh, self.aliases, self.param_shards = mesh, dict(aliases), dict(param_shards or {})
         self.stages = torch.nn.ModuleList(runner.stages[s] for s in range(len(runner.stages))
                                           if runner.ranks[s] == runner.rank)
 
@@ -272,3 +278,17 @@ class PipelineModule(torch.nn.Module):
         for stage in self.stages:
             out.update(stage.state_dict(*args, **kwargs))
         return out
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's unsharded tensors under its original names, on every rank (collective: every
+        rank must call it): tp shards are gathered over the tp group, every stage's entries over the
+        pipeline; loads into the plain model or into a module emitted from another plan."""
+        local = {}
+        for name, t in self.state_dict().items():
+            if name in self.param_shards:
+                t = unshard(t, *self.param_shards[name], self.mesh.group("tp"))
+            local[name] = t.detach().clone()
+        parts: list[dict | None] = [None] * self.runner.pp
+        dist.all_gather_object(parts, local, group=self.runner.group)
+        held = {k: v for part in parts for k, v in part.items()}
+        return {name: held[name_held] for name, name_held in self.aliases.items()}

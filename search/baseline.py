@@ -6,7 +6,8 @@ bytes and activation memory come from the nodes that are really sharded, not fro
 
 Choices per candidate: tp (inside a node), pp (only while nothing fits, ``search.pipeline``),
 dp = devices / (tp · pp), ZeRO stage 0-3, microbatch size (gradient accumulation over the
-per-replica batch), recompute (none / full) and, for pipelines, the schedule.
+per-replica batch), recompute (none / selective / full; selective without pp or sp) and, for
+pipelines, the schedule.
 Step time = compute + tensor-parallel all-reduces + data-parallel gradient traffic, with no overlap
 assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 """
@@ -27,6 +28,7 @@ from search.fold import Folding, fold
 from search.memory import model_state_bytes
 from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
+from search.recompute import RECOMPUTE
 from search.seqpar import VARIANTS, SPChoice
 from search.dsp import dsp_layout, dsp_traffic
 from search.seqshard import Unsupported, propagate_seq
@@ -213,9 +215,15 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
             if ("microbatches" in fix and fix["microbatches"] != m) or \
                     ("microbatch_size" in fix and fix["microbatch_size"] != micro):
                 continue
-            for recompute in ("none", "full"):
+            for recompute in RECOMPUTE:
                 if "recompute" in fix and fix["recompute"] != recompute:
                     continue
+                if recompute == "selective" and not space.base.act_core and fix.get("recompute") == "selective":
+                    raise BadInput("recompute=selective frees nothing in this model: no attention core saves "
+                                   "s² scores (a fused scaled_dot_product_attention saves none; selective "
+                                   "recompute is for eager matmul-softmax attention); use --fix recompute=full")
+                if recompute == "selective" and (pp > 1 or sequence[0] > 1 or not space.base.act_core):
+                    continue  # attention cores: not in pipeline stages yet, replaced by the sp kernel
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
@@ -260,42 +268,30 @@ def _graph_dtype(mg: ModelGraph) -> str:
 
 def _chunked(c: Candidate, regions: list[ChunkRegion], cl: Cluster, dtype: str, limit: float) -> Candidate:
     """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
-    region kinds are chunked, all instances at once, best bytes saved per second of recompute first,
-    each with the fewest chunks that close the remaining gap (``search.chunking``: a chunked region
-    keeps its inputs and one chunk's intermediates, and backward recomputes its forward)."""
+    ``search.chunking.select`` chunks region kinds, all instances at once, best bytes freed per second of
+    recompute and kernel launches (the cluster's ``kernel_launch_s``) first, each with the fewest chunks
+    that close the remaining gap; the drop is ``chunking.chunk_drop`` (saved bytes freed, backward
+    transient cut), floored so that activations stay >= 0 (``search.space`` does not count what ops
+    save internally or the backward transient: its activations can be below the drop)."""
     need = c.peak_memory - limit
     if need <= 0 or c.recompute != "none" or not regions or not c.memory:
         return c
     per_sample, share = c.chunk_scales
-    options = []
-    for r in regions:
-        if r.kind == "attention" and c.sp_degree > 1:  # the sequence-parallel kernel replaces it
-            continue
-        div = c.tp if r.template is not None and c.tp > 1 else 1  # block regions run tp-sharded (approx.)
-        work = r.instances * share / div
-        recompute = cost.compute_time(r.fwd_flops * work, dtype, cl) + cost.memory_time(r.fwd_mem_bytes * work, cl)
+    # the sequence-parallel kernel replaces the attention; block regions run tp-sharded (approx.)
+    usable = [r for r in regions if not (r.kind == "attention" and c.sp_degree > 1)]
 
-        def seconds(k, r=r, recompute=recompute):  # + every kernel launched k times: forward, recompute, backward
-            return recompute + 3 * k * r.instances * len(r.nodes) * cost.KERNEL_LAUNCH_S * c.microbatches
+    def div(r):
+        return c.tp if r.template is not None and c.tp > 1 else 1
 
-        def saved(k, r=r, div=div):
-            return r.instances * (r.act_bytes - chunking.chunk_memory(r, k)) * per_sample / div
+    def seconds(r, k):
+        return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / div(r), c.microbatches)
 
-        ks = [k for k in CHUNKS if k <= r.size] or [1]
-        options.append((saved(ks[0]) / max(seconds(ks[0]), 1e-12), r, ks, saved, seconds))
-    options.sort(key=lambda o: (-o[0], o[1].scope))
-    plan, extra, freed = [], 0.0, 0.0
-    for _, r, ks, saved, seconds in options:
-        if need - freed <= 0:
-            break
-        k = next((k for k in ks if saved(k) >= need - freed), ks[-1])
-        if saved(k) <= 0:
-            continue
-        plan.append({"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k})
-        freed += saved(k)
-        extra += seconds(k)
-    if not plan:
+    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, lambda r: per_sample / div(r))
+    if not chosen:
         return c
+    plan = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()]
+    extra = sum(seconds(r, k) for r, k in chosen.items())
+    freed = min(freed, c.memory["activations"])
     out = replace(c, chunking=plan, chunk_freed=freed, breakdown={**c.breakdown, "chunk_recompute": extra},
                   memory={**c.memory, "activations": c.memory["activations"] - freed})
     out.step_time_s = c.step_time_s + extra
@@ -321,11 +317,10 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     mesh = (dp, sp, st.tp)
     dp_spans = cost.group_spans_nodes((dp * sp, st.tp), 0, cl.devices_per_node)
     tp_spans = cost.group_spans_nodes(mesh, 2, cl.devices_per_node)
-    full = recompute == "full"
     w = st.work
     share = global_batch / graph_batch / dp / sp  # this device's part of the captured batch's work
     per_sample = scale / graph_batch * micro / sp
-    compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, full)
+    compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, recompute)
     # the gradients of sequence-parallel ranks sum like data-parallel ones (ZeRO shards over both)
     dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
@@ -344,10 +339,13 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
         c.comm_bytes += sp_bytes * m
     c.step_time_s = sum(c.breakdown.values())
     states = model_state_bytes(w.params, dtype=dtype, zero_stage=zero, dp=dp * sp)
+    # + the backward's largest transient (the LM head's, typically: before any block is rematerialized)
     if recompute == "full":
-        act = (st.block_inputs + st.act_max_block + w.act_outside) * per_sample
+        act = (st.block_inputs + w.act_outside + max(st.act_max_block, st.space.transient)) * per_sample
+    elif recompute == "selective":  # the cores are rematerialized one block at a time in backward
+        act = (w.act_bytes - w.act_core + max(st.core_max_block, st.space.transient)) * per_sample
     else:
-        act = w.act_bytes * per_sample
+        act = (w.act_bytes + st.space.transient) * per_sample
     c.memory = {**states, "activations": act}
     c.chunk_scales = (per_sample, share)
     if c.peak_memory > limit:

@@ -58,12 +58,15 @@ class Candidate:
 
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,
-              samples_scale: float, repeats: int, full: bool) -> tuple[float, float, float]:
-    """(compute s, tp all-reduce s, tp bytes sent) of ``w`` for ``share`` of the captured batch; each
-    all-reduce runs ``repeats`` times (once per microbatch) on its captured size × ``samples_scale``
-    bytes (microbatch size / captured batch, dtype-scaled)."""
-    flops = (w.fwd_flops + w.bwd_flops + (w.block_fwd_flops if full else 0.0)) * share
-    moved = (w.mem_bytes + (w.block_fwd_bytes if full else 0.0)) * share * scale
+              samples_scale: float, repeats: int, recompute: str) -> tuple[float, float, float]:
+    """(compute s, tp all-reduce s, tp bytes sent) of ``w`` for ``share`` of the captured batch, with
+    the forward work ``recompute`` reruns (blocks under "full", attention cores under "selective");
+    each all-reduce runs ``repeats`` times (once per microbatch) on its captured size ×
+    ``samples_scale`` bytes (microbatch size / captured batch, dtype-scaled)."""
+    again_flops, again_bytes = {"none": (0.0, 0.0), "full": (w.block_fwd_flops, w.block_fwd_bytes),
+                                "selective": (w.core_fwd_flops, w.core_fwd_bytes)}[recompute]
+    flops = (w.fwd_flops + w.bwd_flops + again_flops) * share
+    moved = (w.mem_bytes + again_bytes) * share * scale
     compute = cost.compute_time(flops, dtype, cl) + cost.memory_time(moved, cl)
     tp_time = tp_bytes = 0.0
     for nbytes, count in w.allreduces:

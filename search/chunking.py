@@ -28,51 +28,89 @@ candidate that does not chunk is skipped. Kinds, in priority order
 * ``lm_head_loss`` (outside blocks): the last linear whose output feeds the loss, through the loss (a
   mean cross-entropy/MSE/mean/sum of the graph's first output): per chunk a partial sum and a count.
 
-Memory model (what the planner uses), counted like ``search.space`` (a node's output is a saved
-activation when it has backward FLOPs and is not a view): ``act_bytes`` are the saved activations of one
-instance of the region, ``output_bytes`` the part of them that are its outputs. Chunked k ways, the
-forward keeps only each chunk's inputs (views of tensors that are alive, and counted, anyway) and the
-outputs: every intermediate is freed. The backward recomputes one chunk at a time, and one instance at a
-time, so (act_bytes - output_bytes) / k is alive once per region, not once per instance.
-:func:`chunk_memory` is one instance's share: output_bytes + (act_bytes - output_bytes) / (k * instances),
-so ``instances * (act_bytes - chunk_memory(r, k))`` is what chunking every instance frees, a lower
-bound of what it frees after the forward. Measured (live bytes of activations, parameters excluded;
-GPT h=32, ffn 1024, seq 256, vocab 2048, batch 2, fp32; ``tests/test_chunking.py`` checks the first line):
+Memory model (one rule set; what the planner and ``bench/run_chunk.py`` use). Each region's first
+instance is run once, unchunked, forward and backward, on fake CPU tensors (``FakeTensorMode``: shapes
+only, nothing allocated, the kernels torch picks on a CPU, e.g. flash attention for a plain causal SDPA,
+the math path that materialises the weights for a masked 5-D one), counting storages like an allocator:
 
-* 4 layers, MLPs chunked: 16.0 MiB fewer alive after the forward, the counted internals exactly, and the
-  step's peak falls as much, for k = 2, 4 and 8 alike (model: 14.0, 15.0, 15.5 MiB).
-* 1 layer, LM head + loss chunked (u = ``peak_bytes`` = the logits, 4 MiB): 4.0 MiB fewer after the
-  forward (model 2.0, 3.0, 3.5 MiB); the step's peak, set by this region's backward, falls by 5.7, 8.7
-  and 9.7 MiB, close to 3u(1 - 1/k) = 6.0, 9.0, 10.5 MiB (the saved tensor, the gradient arriving and the
-  gradient leaving, each cut k ways). The planner's sum of saved activations leaves such backward
-  transients out, for chunked and unchunked regions alike.
-* 4 layers, all regions: 20.3 MiB fewer after the forward (internals 20.25); peak 30.2 MiB falls by
-  21.9, 24.9, 26.4 MiB for k = 2, 4, 8 (model 16.2, 18.2, 19.2).
+* ``saved_bytes`` S: what autograd saves for the region's backward (``saved_tensors_hooks``), the
+  region's inputs, parameters and outputs left out: also what ops save internally, which a graph node's
+  output does not show (``cross_entropy_loss`` saves its log_softmax, dropout a mask, math attention its
+  weights, layer norm its statistics).
+* ``transient_bytes`` T: the peak of live bytes during the region's backward above what was alive
+  when it began (gradients arriving and leaving while the saved tensors live, temporaries; parameter
+  gradients excluded): ~2u for a region whose largest saved tensor is u (the LM head: the gradient of
+  the log_softmax and of the logits).
+* ``grad_input_bytes`` I: the gradient-carrying inputs sliced along the axis (their gradient leaving is
+  part of T). Chunked, the backward of each chunk's slice is a full-size zero-padded gradient, added to
+  the sum of the previous chunks': with two or more chunks the two and their new sum, 3I, coexist.
 
-Time model: the backward recomputes the chunked nodes' forward once, ``fwd_flops`` (matmul/attention
-FLOPs) and ``fwd_mem_bytes`` (bytes the memory-bound ops move) per instance, and each of the
-``len(nodes)`` kernels is launched k times on 1/k of the data in both passes and the recompute.
+Chunked k ways (:func:`chunk_memory`), an instance keeps nothing after the forward (the chunk loop keeps
+views of its inputs, alive anyway; its outputs are the same tensors either way), and its backward holds
+one recomputed chunk and that chunk's transient, (S + T - I) / k, plus the input gradient: 3I (I if
+k = 1). :func:`chunk_drop` is the fall of the step's activation peak, taken as the largest over the
+regions of what is alive when the backward reaches the region's last instance plus its transient:
+alive is every instance's saved bytes (S, or 0 chunked), less one instance of each region after it in
+graph order (their last instances ran backward already; the blocks before still hold theirs). What
+is not in a region adds the same to both peaks and cancels. Measured (``bench/run_chunk.py``, fp32,
+batch 1; drop of the step's activation peak, predicted / measured, MiB):
+
+* GPT h=256, 4 layers, V=8192, seq 4096, unchunked peak 552.6: S = 4.1 (attention: q and the
+  logsumexp of the flash kernel), 8.0 (MLP), 128 (LM head: the log_softmax), T = 20, 8, 256, I = 4.
+  Every region k ways: k=1 (checkpoint alone) 48.2 / 48.2, k=2 230.3 / 228.2, k=4 325.3 / 324.2, k=8
+  372.8 / 372.2, k=16 396.5 / 396.2; one kind at k=4: attention 16.2 / 16.2, MLP 32.0 / 32.0, LM head
+  277.0 / 276.0; the planner's choice (LM head k=16) 348.3 / 348.0.
+* Evoformer-like, 256 residues, c_z=32, 2 blocks, unchunked peak 2028.5: S = 56.5 (triangle update),
+  304 (each triangle attention: 256 of them the weights of the masked 5-D SDPA, which runs the math
+  kernel on a CPU), 32 (transition), 8 (head), T = 24, 504, 72, 16, I = 8. Every region: k=1 1057 /
+  1053, k=2 1441 / 1444, k=4 1641 / 1644, k=8 1741 / 1744, k=16 1791 / 1794; one kind at k=4: pair
+  1609 / 1612, transition 32 / 32, head 0 / 0 (its saved bytes are freed before the attention's
+  backward sets the peak); the planner's choice (both triangle attentions k=2) 1296 / 1299.
+
+The previous model (a node's output is a saved activation when it has backward FLOPs and is not a view)
+predicted 141 MiB for the GPT at k=4 and 538 MiB for the Evoformer: it missed the internal saves and the
+transients. ``search.space`` counts saved activations with ``search.saved`` (meta tensors, SDPA by a
+flash-kernel rule) and no backward transient, so the planner's unchunked activations can be below what
+``chunk_drop`` frees (``search.baseline._chunked`` floors them at zero).
+
+Time model (:func:`chunk_seconds`): the backward recomputes the chunked nodes' forward once,
+``fwd_flops`` (matmul/attention FLOPs) and ``fwd_mem_bytes`` (bytes the memory-bound ops move) per
+instance, and each of the ``len(nodes)`` kernels is launched k times on 1/k of the data in the forward,
+the recompute and the backward, each launch costing the cluster's ``kernel_launch_s`` (measured for the
+``cpu`` profile by ``runtime.calibrate``: 17-19 us here, forward + backward, one thread).
+:func:`select` picks regions and chunk counts for a memory gap. Measured (the planner's choices above,
+predicted / measured extra step time): GPT 0.32 / 0.26 s (LM head recompute, step 1.87 s); Evoformer
+0.26 / 1.48 s: the masked 5-D attention runs the math kernel, whose softmax and mask traffic over the
+[.., N, N] weights ``search.space`` does not count (an SDPA is priced by its FLOPs alone).
 
 Limitations: attention is chunked only where it is one ``scaled_dot_product_attention`` (not after
 ``passes.sp`` replaced it; not eager matmul-softmax attention); a pattern is per template, and a model
-whose instances differ in several path components at once is skipped.
+whose instances differ in several path components at once is skipped. The probe runs the kernels a CPU
+would (a GPU's may save less, e.g. a memory-efficient attention for a masked SDPA).
 """
 from __future__ import annotations
 
 import operator
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from search.chunkflow import (MEAN_OPS, ChunkError, ChunkFlow, _kwargs, _op, _scope, _shape, _val, chunk_flow,
                               region_between)
+from search import cost
+from search.cluster import Cluster
 from search.fold import Folding, fold
 from search.graph import ModelGraph
 from search.space import _node_work
 
-__all__ = ["ChunkRegion", "chunk_regions", "chunk_memory", "find_regions", "matching_scopes", "KINDS"]
+__all__ = ["ChunkRegion", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
+           "matching_scopes", "KINDS"]
 
 KINDS = ("mlp", "pair", "attention", "lm_head_loss")  # priority order: a node belongs to one region at most
 aten = torch.ops.aten
@@ -93,20 +131,81 @@ class ChunkRegion:
     nodes: tuple[str, ...]    # the region's node names in the first instance (graph order)
     dim: int                  # chunked dim of the region's anchor (first tensor input of its first node)
     size: int                 # length of the chunked axis: chunk counts 1 .. size
-    act_bytes: float          # saved activations of the region's chunked nodes (as search.space counts)
-    output_bytes: float       # the part of act_bytes that are the region's outputs (kept when chunked)
-    input_bytes: float        # bytes of the region's inputs (kept by the chunk loop; parameters excluded)
-    peak_bytes: float         # largest intermediate u: an unchunked backward peaks near 3u here
+    saved_bytes: float        # S: what autograd saves for its backward (inputs, parameters, outputs excluded)
+    transient_bytes: float    # T: its backward's peak above what was alive when that began
+    grad_input_bytes: float   # I: gradient-carrying inputs sliced along the axis
     fwd_flops: float          # forward matmul/attention FLOPs of the chunked nodes: the backward's recompute
     fwd_mem_bytes: float      # forward bytes moved by its memory-bound ops (recomputed too)
 
 
-def chunk_memory(region: ChunkRegion, k: int) -> float:
-    """Saved-activation bytes of one instance of ``region`` chunked ``k`` ways, as its share of the region:
-    its outputs, plus 1 / instances of one chunk's intermediates, which are alive for one instance at a
-    time while the backward recomputes it (inputs are counted where they are produced)."""
+def chunk_memory(region: ChunkRegion, k: int | None) -> tuple[float, float]:
+    """(bytes one instance keeps after the forward, the peak its backward adds above the rest) with
+    ``k`` chunks; None: not chunked, (S, T). Chunked: (0, (S + T - I) / k + 3I), I for k = 1 (see the
+    module docstring)."""
+    if k is None:
+        return region.saved_bytes, region.transient_bytes
     k = max(1, min(int(k), region.size))
-    return region.output_bytes + (region.act_bytes - region.output_bytes) / (k * max(region.instances, 1))
+    grad_in = region.grad_input_bytes
+    return 0.0, (region.saved_bytes + region.transient_bytes - grad_in) / k + (3 if k > 1 else 1) * grad_in
+
+
+def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale=None) -> float:
+    """How much the step's activation peak falls when each region in ``chunks`` is chunked that many
+    ways (every instance) and the other ``regions`` (graph order, as :func:`chunk_regions` lists them)
+    are not: :func:`_backward_peak` unchunked minus chunked. ``scale(region)``: bytes per byte of the
+    captured graph (default 1)."""
+    return _backward_peak(regions, {}, scale) - _backward_peak(regions, chunks, scale)
+
+
+def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale) -> float:
+    """The step's activation peak, less what is not in a region, with ``chunks``: the largest, over the
+    regions, of what is alive when the backward reaches its last instance (every instance's saved bytes,
+    less one instance of each region listed after it, whose last instance ran backward already) plus
+    its transient."""
+    def scaled(r):
+        return scale(r) if scale is not None else 1.0
+
+    kept = [chunk_memory(r, chunks.get(r))[0] * scaled(r) for r in regions]
+    alive = sum(r.instances * b for r, b in zip(regions, kept))
+    return max((alive - sum(kept[i + 1:]) + chunk_memory(r, chunks.get(r))[1] * scaled(r)
+                for i, r in enumerate(regions)), default=0.0)
+
+
+def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: float, launches: int = 1) -> float:
+    """Extra step time of chunking every instance of ``region`` ``k`` ways: its forward recomputed
+    (``work`` = instances times the share of the captured graph's work one device runs), and its
+    kernels launched k times in the forward, the recompute and the backward, ``launches`` times a step
+    (microbatches), at ``cl.kernel_launch_s`` each."""
+    recompute = cost.compute_time(region.fwd_flops * work, dtype, cl) + cost.memory_time(region.fwd_mem_bytes * work, cl)
+    return recompute + 3 * k * region.instances * len(region.nodes) * cl.kernel_launch_s * launches
+
+
+def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds, scale=None
+           ) -> tuple[dict[ChunkRegion, int], float]:
+    """Which regions to chunk, and how many ways, to lower the activation peak by ``need`` bytes:
+    regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of ``seconds(region, k)``,
+    each with the fewest chunks of ``ks`` that close the remaining gap, or else that free the most,
+    until the gap closes. Returns ({region: chunks}, the predicted drop, :func:`chunk_drop`)."""
+    def drop(chosen):
+        return chunk_drop(regions, chosen, scale)
+
+    def ways(r):
+        return [k for k in ks if k <= r.size] or [1]
+
+    ranked = sorted(regions, key=lambda r: (-drop({r: ways(r)[0]}) / max(seconds(r, ways(r)[0]), 1e-12), r.scope))
+    chosen: dict[ChunkRegion, int] = {}
+    got = 0.0
+    for r in ranked:
+        if got >= need:
+            break
+        tried = [(drop({**chosen, r: k}), k) for k in ways(r)]
+        k = next((k for d, k in tried if d >= need), None)
+        if k is None:
+            k = max(tried, key=lambda t: (t[0], -t[1]))[1]
+        if drop({**chosen, r: k}) > got:
+            chosen[r] = k
+            got = drop(chosen)
+    return chosen, got
 
 
 def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkRegion]:
@@ -116,6 +215,7 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_name = {n.name: n for n in gm.graph.nodes}
     taken: set[fx.Node] = set()
+    grad = _requires_grad(gm)
     out: list[tuple[int, ChunkRegion]] = []
     block_scopes: dict[int, list[str]] = {}  # depth -> the scopes of the blocks at that depth
     for r in folding.regions:
@@ -124,7 +224,7 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
 
     def add(kind, scope, pattern, template, instances, names, dim, flow):
         taken.update(by_name[n] for n in names)
-        region = _priced(kind, pattern, template, instances, names, dim, flow, by_name)
+        region = _priced(kind, pattern, template, instances, names, dim, flow, grad)
         out.append((order[by_name[names[0]]], region))
 
     for r in folding.regions:
@@ -357,21 +457,114 @@ def _accepted(kind: str, flow: ChunkFlow) -> bool:
 
 # --------------------------------------------------------------------------------------- pricing
 
-def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, by_name) -> ChunkRegion:
-    """The region's numbers, counted over the nodes the loop runs (the body) like ``search.space``."""
-    act = out_act = flops = moved = peak = 0.0
-    outputs = set(flow.outputs)
+def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, grad) -> ChunkRegion:
+    """The region's numbers: memory probed (:func:`_probe`), FLOPs and bytes moved counted over the nodes
+    the loop runs (the body) like ``search.space``."""
+    flops = moved = 0.0
     for n in flow.body:
         if "autopar" in n.meta:
             w = _node_work(n, 1, True)
-            act += w.act_bytes
-            out_act += w.act_bytes if n in outputs else 0.0
             flops += w.block_fwd_flops
             moved += w.block_fwd_bytes
-        peak = max(peak, _bytes(_val(n)))
-    inputs = sum(_bytes(_val(n)) for n in flow.inputs if n.op != "get_attr")
-    return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, flow.size, act, out_act,
-                       float(inputs), peak, flops, moved)
+    saved, transient, grad_in = _probe(flow, grad)
+    return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, flow.size, saved, transient, grad_in,
+                       flops, moved)
+
+
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Storages aten ops create (not those in ``exclude``) as a timeline of (storage id, +bytes | -bytes)."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude = exclude
+        self.refs: dict[int, list[int]] = {}  # storage -> [bytes, live tensors, storage id]
+        self.events: list[tuple[int, int]] = []
+        self.sids = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and _key(t) not in self.exclude:
+                key = _key(t)
+                if key not in self.refs:
+                    self.refs[key] = [t.untyped_storage().nbytes(), 0, self.sids]
+                    self.events.append((self.sids, self.refs[key][0]))
+                    self.sids += 1
+                self.refs[key][1] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.events.append((entry[2], -entry[0]))
+            del self.refs[key]
+
+
+def _probe(flow: ChunkFlow, grad: dict[fx.Node, bool]) -> tuple[float, float, float]:
+    """(S, T, I) of the module docstring: the region's body run once, unchunked, forward and backward,
+    on fake CPU tensors shaped like the graph's (``grad``: :func:`_requires_grad` of the graph)."""
+    cpu = torch.device("cpu")
+
+    def arg(a):
+        return cpu if isinstance(a, torch.device) else a
+
+    def fake(v, grad):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=cpu).requires_grad_(grad)
+
+    with FakeTensorMode():
+        env = {n: tree_map(lambda v, n=n: fake(v, grad[n]), _val(n)) for n in flow.inputs}
+        inputs = {_key(t) for t in tree_leaves(list(env.values())) if isinstance(t, torch.Tensor)}
+        saved: dict[int, int] = {}
+
+        def pack(t):
+            if _key(t) not in inputs:
+                saved[_key(t)] = t.untyped_storage().nbytes()
+            return t
+
+        mode = _LiveBytes(inputs)
+        with mode:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                for n in flow.body:
+                    args = tree_map(arg, fx.map_arg((n.args, n.kwargs), env.__getitem__))
+                    env[n] = n.target(*args[0], **args[1])
+            del args
+            outs = [env[n] for n in flow.outputs if env[n].requires_grad]
+            for n in flow.body:
+                del env[n]
+            alive = sum(entry[0] for entry in mode.refs.values())
+            start = len(mode.events)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            weights = {mode.refs[_key(t.grad)][2] for n, t in env.items()
+                       if n.op == "get_attr" and t.grad is not None and _key(t.grad) in mode.refs}
+        live = peak = 0
+        for i, (sid, delta) in enumerate(mode.events):
+            if sid not in weights:
+                live += delta
+                peak = max(peak, live) if i >= start else peak
+        s = sum(b for k, b in saved.items() if k not in {_key(o) for o in outs})
+        sliced = sum(_bytes(_val(n)) for n in flow.inputs if n in flow.dims and grad[n] and n.op != "get_attr")
+    return float(s), float(max(peak - alive, 0)), float(sliced)
+
+
+def _requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Whether each node's value carries a gradient: a parameter, or floating and computed from one."""
+    out: dict[fx.Node, bool] = {}
+    for n in gm.graph.nodes:
+        v = _val(n)
+        if n.op == "get_attr":
+            out[n] = isinstance(v, torch.Tensor) and v.requires_grad
+        else:
+            floating = any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tree_leaves(v))
+            out[n] = floating and any(out.get(a, False) for a in n.all_input_nodes)
+    return out
 
 
 def _bytes(val) -> float:

@@ -28,7 +28,9 @@ GiB = 1024 ** 3
 _FIELDS = (
     "name", "nodes", "devices_per_node", "peak_flops", "memory_bytes", "memory_bandwidth",
     "intra_bandwidth", "intra_latency", "inter_bandwidth", "inter_latency", "compute_efficiency",
+    "kernel_launch_s",
 )
+KERNEL_LAUNCH_S = 5e-6  # fixed cost of one kernel launch on a GPU; profiles without a measured one get it
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Cluster:
     inter_bandwidth: float
     inter_latency: float
     compute_efficiency: float = 0.6
+    kernel_launch_s: float = KERNEL_LAUNCH_S  # per-kernel overhead: what makes many small chunks slower than one op
 
     def __post_init__(self):
         pf = self.peak_flops
@@ -98,7 +101,7 @@ class Cluster:
         unknown = sorted(set(d) - set(_FIELDS), key=str)
         if unknown:
             raise BadInput(f"{source}: unknown field(s) {unknown}; known fields: {list(_FIELDS)}")
-        required = [f for f in _FIELDS if f != "compute_efficiency"]
+        required = [f for f in _FIELDS if f not in ("compute_efficiency", "kernel_launch_s")]
         missing = [f for f in required if f not in d]
         if missing:
             raise BadInput(f"{source}: missing field(s) {missing}")
@@ -146,6 +149,7 @@ class Cluster:
             inter_bandwidth=num("inter_bandwidth", d["inter_bandwidth"]),
             inter_latency=num("inter_latency", d["inter_latency"], allow_zero=True),
             compute_efficiency=num("compute_efficiency", d.get("compute_efficiency", 0.6), at_most=1.0),
+            kernel_launch_s=num("kernel_launch_s", d.get("kernel_launch_s", KERNEL_LAUNCH_S), allow_zero=True, at_most=1.0),
         )
 
 

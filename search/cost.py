@@ -15,8 +15,6 @@ from search.cluster import Cluster
 from search.errors import BadInput
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
-# Fixed cost of one kernel launch (seconds): what makes many small chunks slower than one large op.
-KERNEL_LAUNCH_S = 5e-6
 
 
 def compute_time(flops: float, dtype: str, cluster: Cluster) -> float:

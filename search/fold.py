@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.fx as fx
 
-from search.graph import ModelGraph
+from search.graph import ModelGraph, expression
 
 _NUMBERED = re.compile(r"(?:^|\.)\d+(?=\.|$)")
 
@@ -202,8 +202,8 @@ def _target_name(target) -> str:
 
 
 def _val_sig(val) -> tuple:
-    if isinstance(val, torch.Tensor):
-        return (tuple(val.shape), str(val.dtype))
+    if isinstance(val, torch.Tensor):  # a symbolic size hashes as its simplified expression
+        return (tuple(d if isinstance(d, int) else str(expression(d, {})) for d in val.shape), str(val.dtype))
     if isinstance(val, (list, tuple)):
         return tuple(_val_sig(v) for v in val)
     return (type(val).__name__,)

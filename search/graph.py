@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
+import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv
 
 
 @dataclass
@@ -54,3 +57,11 @@ class ModelGraph:
         for node in self.gm.graph.nodes:
             if "autopar" in node.meta:
                 yield node
+
+
+def expression(value, symbols: dict) -> sympy.Expr:
+    """A traced size or fact (int or ``torch.SymInt``) as a sympy expression: export's shape-env
+    symbols are renamed by ``symbols`` and torch's integer division becomes ``floor``."""
+    if isinstance(value, torch.SymInt):
+        return value.node.expr.xreplace(symbols).replace(FloorDiv, lambda a, b: sympy.floor(a / b))
+    return sympy.Integer(value)

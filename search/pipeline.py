@@ -187,7 +187,8 @@ def regions_for(space: Space, cl: Cluster, dtype: str, scale: float, *, micro: i
     rows = []
     for r in space.regions:
         w = space.region_sharded(r)
-        comp, tp_s, _ = work_time(w, cl, dtype, scale, space.tp, tp_spans, micro / graph_batch, per_sample, 1, full)
+        comp, tp_s, _ = work_time(w, cl, dtype, scale, space.tp, tp_spans, micro / graph_batch, per_sample, 1,
+                                  "full" if full else "none")
         t = comp + tp_s
         flops = w.fwd_flops + w.bwd_flops
         fwd, wgrad = (t * w.fwd_flops / flops, t * w.wgrad_flops / flops) if flops else (t / 3, t / 3)

@@ -601,6 +601,8 @@ def _view_rule(node, shard, in_shape, out_shape, tp):
     while e < len(out_shape) and acc < before:
         acc *= out_shape[e]
         e += 1
+    while e < len(out_shape) and out_shape[e] == 1 and in_shape[d] != 1:  # size-1 dims (batch 1) precede it
+        e += 1
     if acc != before or e >= len(out_shape):
         raise Unsupported(f"{node.name}: view moves the sharded dim across others")
     if out_shape[e] % tp:

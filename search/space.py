@@ -22,6 +22,8 @@ from typing import Callable
 from search.fold import Folding, fold, no_fold
 from search.graph import ModelGraph
 from search.placement import Cone, Unsupported, bias_of, megatron_cones, module_of, op_name, propagate, weight_of
+from search.recompute import attention_cores
+from search.saved import annotate_saved, checkpoint_bytes
 from search.seqpar import Attn
 
 COMPUTE_BOUND = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "convolution"}
@@ -40,9 +42,12 @@ class Work:
     mem_bytes: float = 0.0          # bytes moved by memory-bound ops, forward + backward
     block_fwd_flops: float = 0.0    # forward work inside blocks (recomputed under full recompute)
     block_fwd_bytes: float = 0.0
+    core_fwd_flops: float = 0.0     # forward work of attention cores (recomputed under selective recompute)
+    core_fwd_bytes: float = 0.0
     params: int = 0                 # parameters one tp rank holds
     act_bytes: float = 0.0          # saved activations
     act_outside: float = 0.0        # saved activations outside blocks
+    act_core: float = 0.0           # saved activations of attention cores (what selective recompute frees)
     allreduces: tuple[tuple[float, int], ...] = ()  # tp all-reduces: (logical bytes, how many), sorted
     attention: tuple[tuple[Attn, int], ...] = ()    # attention calls: (shapes and FLOPs, how many)
 
@@ -96,7 +101,8 @@ class TPStats:
     space: "Space"
     picks: dict[str, int]    # choice key -> instances sharded
     work: Work
-    act_max_block: float     # saved activations of the largest block
+    act_max_block: float     # saved activations of the largest block (full recompute rematerializes one)
+    core_max_block: float    # what selective recompute frees in the largest block (rematerialized one at a time)
 
     @property
     def tp(self) -> int:
@@ -130,9 +136,10 @@ class Space:
     tp: int
     base: Work                              # everything replicated
     block_inputs: float                     # bytes of every block's input, summed (what full recompute keeps)
-    block_acts: dict[str, tuple[int, float]]  # template -> (instances, activations of one replicated instance)
+    block_acts: dict[str, tuple[int, Work]]  # template -> (instances, work of one replicated instance)
     choices: list[Choice]
     regions: list[RegionWork]               # graph order
+    transient: float = 0.0                  # the largest backward transient, replicated (:func:`backward_transient`)
 
     def region_sharded(self, r: RegionWork) -> Work:
         """``r`` with every cone it holds sharded (the full Megatron layout of one region)."""
@@ -146,14 +153,15 @@ class Space:
         """The layout that shards the first ``picks[key]`` instances of each choice. The largest block
         is a template's last instance: it holds a cone only when every instance does."""
         work = self.base
-        largest = {t: act for t, (_, act) in self.block_acts.items()}
+        largest = {t: one for t, (_, one) in self.block_acts.items()}
         for c in self.choices:
             n = picks.get(c.key, 0)
             if n:
                 work = work + c.delta(n)
                 if c.template is not None and n == self.block_acts[c.template][0]:
-                    largest[c.template] += c.unit.act_bytes
-        return TPStats(self, dict(picks), work, max(largest.values(), default=0.0))
+                    largest[c.template] = largest[c.template] + c.unit
+        return TPStats(self, dict(picks), work, max((w.act_bytes for w in largest.values()), default=0.0),
+                       max((w.act_core for w in largest.values()), default=0.0))
 
     def all_sharded(self) -> dict[str, int]:
         return {c.key: c.instances for c in self.choices}
@@ -183,25 +191,30 @@ class _Crossing(Exception):
 def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     gm = mg.gm
     nodes = {n.name: n for n in gm.graph.nodes}
+    cores = attention_cores(gm)
+    core = frozenset(n for c in cores for n in c)
+    for c in cores:  # what checkpointing the core frees, net of the inputs it then keeps alive
+        freed, kept = checkpoint_bytes(gm, c)
+        nodes[c[0]].meta["core_freed"] = freed - kept
     base = Work(params=sum(math.prod(s) for s in mg.param_shapes.values()))
     block_inputs = 0.0
-    block_acts: dict[str, tuple[int, float]] = {}
+    block_acts: dict[str, tuple[int, Work]] = {}
     starts = set()
     regions: list[RegionWork] = []
     one: dict[str, Work] = {}
     for region in folding.regions:
         inputs = sum(_val_bytes(nodes[n]) for n in region.inputs)
         if region.template is None:
-            work = _region_work(mg, nodes, region.nodes, in_block=False)
+            work = _region_work(mg, nodes, region.nodes, False, core)
             base = base + replace(work, params=0)
             starts.update(nodes[n] for n in region.nodes)
         elif region.instance == 0:
             k = len(folding.template(region.template).instances)
-            work = one[region.template] = _region_work(mg, nodes, region.nodes, in_block=True)
+            work = one[region.template] = _region_work(mg, nodes, region.nodes, True, core)
             base = base + replace(work, params=0).scaled(k)
             first = nodes[region.nodes[0]]
             block_inputs += k * max((_val_bytes(a) for a in first.all_input_nodes if a.op != "get_attr"), default=0)
-            block_acts[region.template] = (k, work.act_bytes)
+            block_acts[region.template] = (k, replace(work, params=0))
             starts.update(nodes[n] for n in region.nodes)
         else:
             work = one[region.template]
@@ -212,7 +225,7 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     choices, corr = [], {}
     for i, cone in enumerate(cones):
         spots = [where.get(n) for n in cone.nodes]
-        unit = _cone_delta(mg, cone, tp, nodes)
+        unit = _cone_delta(mg, cone, tp, nodes, core)
         if all(s is not None and s[:2] == spots[0][:2] for s in spots):  # inside one (first) instance
             tid, _, pos = spots[0]
             if tid not in corr:
@@ -229,7 +242,23 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     for r in regions:
         if r.template is not None:
             r.keys = [c.key for c in choices if c.template == r.template]
-    return Space(tp, base, block_inputs, block_acts, choices, regions)
+    return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm))
+
+
+def backward_transient(gm) -> float:
+    """Bytes the backward holds on top of the saved activations at its worst node: twice the larger of a
+    differentiable node's output and its largest input (the gradient arriving and the one leaving, or an
+    op's own temporaries: cross-entropy's backward makes the softmax and the logits' gradient while the
+    saved log-softmax is alive). Measured on CPU: the step's peak is the forward's saved bytes plus
+    twice the logits for a GPT or Llama with V=8192 (``bench/run_recompute.py``)."""
+    worst = 0.0
+    for node in gm.graph.nodes:
+        info = node.meta.get("autopar")
+        if info is None or not info.bwd_flops:
+            continue
+        ins = [_val_bytes(a) for a in node.all_input_nodes if a.op != "get_attr"]
+        worst = max(worst, 2 * max(float(info.output_bytes), *ins, 0.0))
+    return worst
 
 
 @dataclass
@@ -268,13 +297,13 @@ def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
     return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums)
 
 
-def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool) -> Work:
+def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool, core: frozenset) -> Work:
     """The replicated work of the nodes ``names`` and the parameters they read (a tied weight counts
-    in every region that reads it)."""
+    in every region that reads it); ``core``: the names of attention-core nodes."""
     fqns = {p for n in names for p in nodes[n].meta["autopar"].params}
     work = Work(params=sum(math.prod(mg.param_shapes[p]) for p in fqns))
     for name in names:
-        work = work + _node_work(nodes[name], 1, in_block)
+        work = work + _node_work(nodes[name], 1, in_block, name in core)
     return work
 
 
@@ -291,13 +320,13 @@ def _map_cone(cone: Cone, corr: dict[str, tuple[str, ...]] | None, gm, nodes: di
                 nodes=tuple(corr[n][j] for n in cone.nodes))
 
 
-def _cone_delta(mg: ModelGraph, cone: Cone, tp: int, nodes: dict) -> Work:
+def _cone_delta(mg: ModelGraph, cone: Cone, tp: int, nodes: dict, core: frozenset) -> Work:
     """What sharding ``cone`` changes: its nodes run on 1/tp, its weights are split, all-reduces added."""
     delta = Work()
     for name in cone.nodes:
         node = nodes[name]
         if "autopar" in node.meta:
-            delta = delta + _node_work(node, tp, True) - _node_work(node, 1, True)
+            delta = delta + _node_work(node, tp, True, name in core) - _node_work(node, 1, True, name in core)
     styles = dict(cone.styles)
     style = {n: styles[module_of(weight_of(mg.gm, nodes[n]))][0] for n in cone.nodes
              if weight_of(mg.gm, nodes[n]) and module_of(weight_of(mg.gm, nodes[n])) in styles}
@@ -315,8 +344,9 @@ def _linear_input_name(node) -> str:
     return (node.args[0] if op_name(node) == "linear" else node.args[1]).name
 
 
-def _node_work(node, div: int, in_block: bool) -> Work:
-    """One node's share of the per-rank work when its data is split ``div`` ways."""
+def _node_work(node, div: int, in_block: bool, core: bool = False) -> Work:
+    """One node's share of the per-rank work when its data is split ``div`` ways (``core``: it is in
+    an attention core, ``search.recompute.attention_cores``)."""
     info = node.meta["autopar"]
     op = op_name(node)
     compute_bound = op in COMPUTE_BOUND
@@ -331,10 +361,14 @@ def _node_work(node, div: int, in_block: bool) -> Work:
         w.block_fwd_bytes = moved
     if op == "scaled_dot_product_attention":
         w.attention = ((_attn(node, div), 1),)
-    if info.bwd_flops and op not in NO_ACTIVATION:
-        w.act_bytes = info.output_bytes / div
-        if not in_block:
-            w.act_outside = w.act_bytes
+    if "saved_bytes" not in node.meta:  # the census of the whole graph, once
+        annotate_saved(node.graph.owning_module)
+    w.act_bytes = node.meta["saved_bytes"] / div  # search.saved: what autograd keeps of it
+    if not in_block:
+        w.act_outside = w.act_bytes
+    if core:
+        w.core_fwd_flops = info.fwd_flops / div if compute_bound else 0.0
+        w.core_fwd_bytes, w.act_core = moved, node.meta.get("core_freed", 0) / div  # on the core's first node
     return w
 
 

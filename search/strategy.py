@@ -6,7 +6,7 @@ matters and the folded ILP has the optimum of the per-instance one. The count is
 (bounded-knapsack splitting: parts 1, 2, 4, …, and a remainder, each a 0/1 ILP node), so a choice
 over k instances costs O(log k) ILP nodes. Cost and memory coefficients are the exact differences the cost model prices for one instance
 (``price({key: 1}) - price({})``): step time and per-device memory are affine in the work of the
-sharded cones, except the largest-block term under full recompute, which the final exact pricing of
+sharded cones, except the largest-block terms under full and selective recompute, which the final exact pricing of
 the chosen layout settles. Pricing runs once per choice, not once per instance: with folding the
 search cost depends on the number of templates, not on depth.
 """

@@ -11,7 +11,7 @@
 
 ``planner.capture.capture_symbolic`` exports with ``torch.export.Dim`` batch and sequence dimensions;
 every node's ``NodeInfo`` then holds sympy expressions made by the same formulas as a concrete capture
-(``planner.capture.annotate`` runs them on ``torch.SymInt`` sizes and :func:`expression` converts the
+(``planner.capture.annotate`` runs them on ``torch.SymInt`` sizes and :func:`search.graph.expression` converts the
 results). Export names its shape-env symbols after the input sources (``s24``, ``s13``: a hash, not
 an order); the capture reads them off the placeholders' sizes at the marked dims and renames them B
 and S, so every expression has exactly these two free symbols (positive integers).
@@ -37,6 +37,10 @@ Limits:
   tensor is already contiguous and a concrete capture drops the copy the symbolic graph keeps. Code
   whose sizes only work from a larger minimum (a pooling window of 2 guards ``S // 2 != 1``) is rejected
   like a specialisation.
+- The saved-activation census (``search.saved``) runs on the capture's fake tensors too, so
+  ``node.meta["saved_bytes"]`` is an expression (the eager-attention [B, heads, S, S] softmax is the
+  S² term). At B = 1 an eager matmul saves views of q, k, v where it copies them for B ≥ 2: per node the
+  bytes move from the matmuls to the projection, the total agrees.
 - Only the node facts are symbolic here; communication and memory of a parallel plan are the cost
   model's functions of these facts (range planning builds them from :class:`SymbolicCosts`).
 """
@@ -47,9 +51,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 import sympy
-import torch
 from sympy.printing.pycode import PythonCodePrinter
-from torch.utils._sympy.functions import FloorDiv
 
 from search.fold import Folding, fold
 from search.graph import ModelGraph
@@ -69,14 +71,6 @@ class Facts(NamedTuple):
 
 
 FACTS = Facts._fields
-
-
-def expression(value, symbols: dict) -> sympy.Expr:
-    """A traced size or fact (int or ``torch.SymInt``) as a sympy expression: export's shape-env
-    symbols are renamed by ``symbols`` and torch's integer division becomes ``floor``."""
-    if isinstance(value, torch.SymInt):
-        return value.node.expr.xreplace(symbols).replace(FloorDiv, lambda a, b: sympy.floor(a / b))
-    return sympy.Integer(value)
 
 
 class SymbolicCosts:

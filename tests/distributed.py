@@ -145,3 +145,22 @@ def launch_once(cache: dict, world: int, fn, *args, timeout: float, label: str =
     if isinstance(got, AssertionError):
         raise AssertionError(f"the {world}-rank {label} launch failed:\n{got}")
     return got
+
+
+def loss_of(out):
+    """The loss of a model's output: a Hugging Face output's ``.loss``, else the output itself."""
+    return out.loss if hasattr(out, "loss") else out
+
+
+def full_state_check(fresh, full: dict, args: tuple, kwargs: dict, ref_loss) -> dict:
+    """Load a distributed module's ``full_state_dict()`` (``full``) strictly into ``fresh``, a plain model,
+    and compare its loss with ``ref_loss``: {"full_state_loss", "full_state_error"} for the parent."""
+    import torch
+
+    try:
+        fresh.load_state_dict(full, strict=True)
+        with torch.no_grad():
+            return {"full_state_loss": abs(loss_of(fresh(*args, **kwargs)).item() - ref_loss.item()),
+                    "full_state_error": None}
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return {"full_state_loss": float("inf"), "full_state_error": f"{type(exc).__name__}: {exc}"[:800]}

@@ -12,27 +12,24 @@ region peaks at its largest intermediate u (an MLP's hidden activation, the logi
 the tensor saved for that op's backward, the gradient arriving and the gradient leaving coexist, 3u.
 Chunking k ways makes that 3u / k, so the step's peak falls by 3u (1 - 1/k) when that region's backward
 sets it (one block here; search/chunking.py has the deeper cases, where the saved activations dominate).
-LiveBytes also counts a parameter's storage while a ``t()`` view of it lives, an artifact the tolerance absorbs
-(tests/test_chunking.py excludes parameter storages).
+``runtime.memory.LiveBytes`` counts them, parameters (and their ``t()`` views) excluded.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
-import weakref
 
 import pytest
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from examples.evoformer import Evoformer, EvoformerConfig, example_inputs
 from examples.gpt import GPT, GPTConfig
 from examples.zoo import build
 from passes.chunk import ChunkedRegion, apply_chunk
 from planner.capture import capture
+from runtime.memory import LiveBytes
 from search.chunkflow import ChunkError, chunk_flow, region_between, scope_region
 from tests.distributed import run_ranks
 
@@ -256,42 +253,10 @@ def test_chunking_after_tensor_or_sequence_parallel_matches():
 
 # --------------------------------------------------------------------------------------- memory
 
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages created by aten ops under this mode that are still referenced."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors]
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
-        if key not in self.refs:
-            self.refs[key] = [t.untyped_storage().nbytes(), 0]
-            self.live += self.refs[key][0]
-            self.peak = max(self.peak, self.live)
-        self.refs[key][1] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.refs[key]
-        entry[1] -= 1
-        if not entry[1]:
-            self.live -= entry[0]
-            del self.refs[key]
-
-
 def _peak(gm, args) -> int:
     for p in gm.parameters():
         p.grad = None
-    with LiveBytes() as mode:
+    with LiveBytes(exclude=gm.parameters()) as mode:
         gm(*args).backward()
     return mode.peak
 

@@ -205,6 +205,9 @@ _DROP = object()
     (json.dumps(_mutate(inter_bandwidth=float("nan"))), "inter_bandwidth"),
     (json.dumps(_mutate(inter_latency=-1e-6)), "inter_latency"),
     (json.dumps(_mutate(compute_efficiency=1.5)), "compute_efficiency"),
+    (json.dumps(_mutate(kernel_launch_s=-1e-6)), "kernel_launch_s"),
+    (json.dumps(_mutate(kernel_launch_s="5us")), "kernel_launch_s"),
+    (json.dumps(_mutate(kernel_launch_s=2.0)), "kernel_launch_s"),
     (json.dumps(_mutate(peak_flops=[1, 2])), "peak_flops"),
     (json.dumps(_mutate(peak_flops={"int8": 1e12, "fp32": 1.0})), "peak_flops"),
     (json.dumps(_mutate(peak_flops={"bf16": 1e12})), "peak_flops"),
@@ -227,6 +230,19 @@ def test_unreadable_cluster_file(tmp_path):
         get_cluster(str(p))
     with pytest.raises(BadInput, match="cannot read"):
         get_cluster(str(tmp_path))   # a directory
+
+
+def test_kernel_launch_field(tmp_path):
+    """The GPU profiles and profiles written before the field existed get the 5 us default; a measured
+    value round-trips through the JSON file."""
+    assert A100_80G.kernel_launch_s == H100_80G.kernel_launch_s == 5e-6
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(_mutate(kernel_launch_s=_DROP)))
+    assert get_cluster(str(old)).kernel_launch_s == 5e-6
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(_mutate(kernel_launch_s=3.7e-5)))
+    c = get_cluster(str(new))
+    assert c.kernel_launch_s == 3.7e-5 and Cluster.from_dict(c.to_dict()) == c
 
 
 def test_cpu_missing_cache_says_calibrate(tmp_path, monkeypatch):
@@ -254,6 +270,7 @@ def test_real_cpu_calibration(tmp_path, monkeypatch):
     assert 1e6 < c.intra_bandwidth < 1e12                                # loopback gloo
     assert 0 < c.intra_latency < 0.05
     assert c.memory_bytes > 2 ** 27
+    assert 1e-8 < c.kernel_launch_s < 1e-2                              # measured: 10 ns .. 10 ms per launch
     # the measured model predicts a sensible all-reduce of 16 MiB: between 0.1 ms and 10 s
     assert 1e-4 < collective_time("all_reduce", 16 * 2 ** 20, 2, c, spans_nodes=False) < 10
     assert get_cluster("cpu", devices=1).devices == 1

@@ -4,6 +4,10 @@ loss on every rank and every parameter gradient (on the rank(s) holding it; a ti
 within 1e-5 of the full-batch single-process model, after one step and again after a second step
 that accumulates (2x the reference gradients).
 
+Pipeline × tensor parallelism (pp=2 × dp=1 × tp=2 on the 4-rank launch, emitted by auto_parallelize):
+loss, every gradient (a tp shard against the matching shard of the reference gradient) and the
+full_state_dict round trip, for GPT and Llama under several schedules, and Megatron-SP once.
+
 Launch budget: one 2-rank and one 4-rank launch run every case; pytest then asserts per case. The
 split itself, the name checks and the wave order are checked in-process.
 """
@@ -15,7 +19,7 @@ import time
 import pytest
 
 from passes.pipeline import split_stages
-from tests.distributed import launch_once
+from tests.distributed import full_state_check, launch_once, loss_of
 
 TOL = 1e-5
 BATCH = 8
@@ -97,10 +101,6 @@ def _key(case) -> str:
     return f"{name}/{'-'.join(map(str, per_stage))}/{schedule}/m{m}"
 
 
-def _loss(out):
-    return out.loss if hasattr(out, "loss") else out
-
-
 # ---------------------------------------------------------------------------------------- on ranks
 
 
@@ -110,7 +110,7 @@ def _check_case(case, cache) -> dict:
     spec, per_stage, schedule, m = case
     model, args, kwargs = _build(spec)
     ref = copy.deepcopy(model)
-    ref_loss = _loss(ref(*args, **kwargs))
+    ref_loss = loss_of(ref(*args, **kwargs))
     ref_loss.backward()
     if (spec, m) not in cache:
         cache[(spec, m)] = _capture(model, args, kwargs, BATCH // m)
@@ -181,7 +181,7 @@ def _auto_parallelize_cases(world: int) -> dict:
     for schedule in AUTO_SCHEDULES:
         model, args, kwargs = _build("gpt-tiny")
         ref = copy.deepcopy(model)
-        ref_loss = _loss(ref(*args, **kwargs))
+        ref_loss = loss_of(ref(*args, **kwargs))
         ref_loss.backward()
         dp = world // 2
         fix = {"pp": 2, "dp": dp, "tp": 1, "zero": 0, "microbatches": 4 // dp, "schedule": schedule,
@@ -202,6 +202,71 @@ def _auto_parallelize_cases(world: int) -> dict:
                          "unknown_names": [n for n in names if n not in ref_params], "names": names,
                          "stages": json.loads(plan.to_json())["pipeline"]["stages"], "forward": forward}
     return out
+
+
+# (model, schedule, Megatron-SP, recompute): pp=2 × dp=1 × tp=2 plans pinned on the a100 profile (no cpu
+# calibration); recompute per stage: every block (full) or the eager attention cores (selective)
+TP_CASES = [("gpt-tiny", "1f1b", False, "none"), ("gpt-tiny", "zb-h1", False, "none"),
+            ("llama-tiny", "1f1b", False, "none"), ("llama-tiny", "interleaved", False, "none"),
+            ("llama-tiny", "gpipe", True, "none"), ("gpt-tiny", "1f1b", False, "full"),
+            ("llama-tiny", "zb-h1", False, "full"), ("gpt-tiny-eager", "interleaved", False, "selective")]
+
+
+def _tp_key(case) -> str:
+    spec, schedule, msp, recompute = case
+    return f"{spec}/pp2-dp1-tp2/{schedule}" + ("/megatron-sp" if msp else "") + \
+        (f"/recompute-{recompute}" if recompute != "none" else "")
+
+
+def _pp_tp_case(world: int, case) -> dict:
+    """One pipelined tensor-parallel plan emitted by auto_parallelize vs the single-process model."""
+    import json
+
+    from passes.recompute import Recomputed
+    from passes.tp import shard_tensor
+    from planner.api import auto_parallelize, load_cluster, make_plan
+    from planner.plan import Plan
+
+    spec, schedule, msp, recompute = case
+    model, args, kwargs = _build(spec)
+    ref = copy.deepcopy(model)
+    ref_loss = loss_of(ref(*args, **kwargs))
+    ref_loss.backward()
+    fix = {"pp": 2, "dp": 1, "tp": 2, "zero": 0, "microbatches": 4, "schedule": schedule, "recompute": "none"}
+    plan = json.loads(make_plan(model, (args, kwargs), load_cluster("a100-80g", world), dtype="fp32",
+                                fix=fix).to_json())
+    plan["megatron_sp"] = msp  # the search does not pair Megatron-SP with pipelines; the emitter runs it
+    plan["recompute"] = recompute  # nor selective recompute
+    pmodel = auto_parallelize(model, (args, kwargs), plan=Plan.from_dict(plan))
+    loss = pmodel.step(*args, **kwargs)
+    tp, tp_rank = pmodel.mesh.size("tp"), pmodel.mesh.local_rank("tp")
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    res = {"loss": abs(loss.item() - ref_loss.item()), "sharded": sorted(pmodel.param_shards),
+           "unknown_names": [], "problems": [], "grad": 0.0, "worst": None,
+           "collectives": sorted({name for st in pmodel.stages for name, _ in st.named_children()}),
+           "recomputed": [sum(isinstance(m, Recomputed) for m in st.modules()) for st in pmodel.stages],
+           # activations each stage receives (its other inputs are the model's own, with a default)
+           "received": [sum(n.op == "placeholder" and not n.args for n in st.graph.nodes)
+                        for st in pmodel.runner.stages]}
+    compared = set()
+    for name, p in pmodel.named_parameters():
+        if name not in ref_params:
+            res["unknown_names"].append(name)
+            continue
+        compared.add(id(ref_params[name]))
+        rg = ref_params[name].grad
+        if name in pmodel.param_shards:
+            rg = shard_tensor(rg, *pmodel.param_shards[name], tp, tp_rank)
+        if p.grad is None or p.grad.shape != rg.shape:
+            res["problems"].append(f"{name}: grad {None if p.grad is None else tuple(p.grad.shape)} vs {tuple(rg.shape)}")
+            continue
+        d = (p.grad - rg).abs().max().item()
+        if d > res["grad"]:
+            res["grad"], res["worst"] = d, name
+    res["uncompared"] = [n for n, p in ref.named_parameters() if id(p) not in compared]
+    full = pmodel.full_state_dict()  # collective over tp and pp: the whole model, unsharded
+    res.update(full_state_check(_build(spec)[0], full, args, kwargs, ref_loss))
+    return res
 
 
 class _SavedBytes:
@@ -261,6 +326,7 @@ def _all_cases(rank, world, cases):
         out["bad_input"] = _bad_inputs(rank, world)
     else:
         out["activation_peaks"] = _activation_peaks()
+        out["tp"] = {_tp_key(case): _pp_tp_case(world, case) for case in TP_CASES}
     out["auto"] = _auto_parallelize_cases(world)
     return out
 
@@ -440,6 +506,39 @@ def test_auto_parallelize_emits_the_planned_pipeline(world, schedule):
     model, _, _ = _build("gpt-tiny")
     names = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under either name
     assert held <= set(names) and {id(names[n]) for n in held} == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("case", TP_CASES, ids=[_tp_key(c) for c in TP_CASES])
+def test_pipeline_with_tensor_parallelism_matches_single_process(case):
+    per_rank = [r["tp"][_tp_key(case)] for r in _results(4)]
+    never = set.intersection(*(set(r["uncompared"]) for r in per_rank))
+    assert not never, f"parameters no rank compared: {sorted(never)}"
+    collective = "sp_reduce_scatter" if case[2] else "tp_reduce"
+    if case[3] != "none":  # both blocks (or attention cores) of the tiny models, on each of the 2 tp ranks
+        assert sum(sum(r["recomputed"]) for r in per_rank) == 4, [r["recomputed"] for r in per_rank]
+    for rank, r in enumerate(per_rank):
+        where = f"{_tp_key(case)} rank {rank}/4"
+        assert r["sharded"], f"{where}: no parameter is tensor-parallel"
+        assert collective in r["collectives"], f"{where}: stages call {r['collectives']}, no {collective}"
+        # only the residual stream crosses a cut (the collectives on parameters run in their reader's stage)
+        assert r["received"][1:] == [1] * (len(r["received"]) - 1), f"{where}: stage inputs {r['received']}"
+        assert not r["unknown_names"] and not r["problems"], f"{where}: {r['unknown_names']} {r['problems']}"
+        assert r["loss"] <= TOL, f"{where}: loss differs by {r['loss']:.3g}"
+        assert r["grad"] <= TOL, f"{where}: grad of {r['worst']} differs by {r['grad']:.3g}"
+        assert r["full_state_error"] is None, f"{where}: full_state_dict does not load strictly: {r['full_state_error']}"
+        assert r["full_state_loss"] <= TOL, f"{where}: full_state_dict model loss differs by {r['full_state_loss']:.3g}"
+
+
+def test_pipelined_zero_is_refused_before_any_group():
+    from passes.emit import check_emittable
+    from planner.api import load_cluster, make_plan
+    from search.errors import BadInput
+
+    model, args, kwargs = _build("gpt-tiny")
+    fix = {"pp": 2, "dp": 2, "tp": 1, "zero": 1, "microbatches": 4, "schedule": "1f1b", "recompute": "none"}
+    plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", 4), dtype="fp32", fix=fix)
+    with pytest.raises(BadInput, match="ZeRO stage 1.*--fix zero=0"):
+        check_emittable(plan)
 
 
 def test_measured_activation_memory_follows_the_schedule_model():

@@ -1,0 +1,62 @@
+"""LiveBytes: measure activation memory on CPU, where torch keeps no allocator statistics.
+
+Counts the storages aten ops create while the mode is active (inputs and anything made before it are
+not counted, nor views of the ``exclude``d tensors: pass the parameters) and frees them when their last
+tensor dies; ``peak`` is the most alive at once, ``live`` what is alive now, ``events`` the timeline.
+
+    >>> import torch
+    >>> x = torch.randn(256, 256, requires_grad=True)
+    >>> with LiveBytes() as mem:
+    ...     y = (x * 2).sin().sum()      # x * 2 is saved by sin's backward, sin's output is not
+    ...     after_forward = mem.live
+    ...     y.backward()
+    >>> after_forward >= 256 * 256 * 4
+    True
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak and current bytes of the storages created by aten ops under this mode that are still referenced."""
+
+    def __init__(self, exclude=()):
+        """``exclude``: tensors (parameters, buffers) whose storages are not counted, also when an op
+        returns a view of them (``linear`` on CPU runs ``t`` of its weight)."""
+        super().__init__()
+        self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors, storage id]
+        self.events: list[tuple[int, int]] = []  # (storage id, +bytes when created | -bytes when freed)
+        self.live = self.peak = 0
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() \
+                    and t.untyped_storage().data_ptr() not in self.exclude:
+                self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key not in self.refs:
+            nbytes = t.untyped_storage().nbytes()
+            self.refs[key] = [nbytes, 0, len(self.events)]
+            self.events.append((len(self.events), nbytes))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self.refs[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.refs[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.live -= entry[0]
+            self.events.append((entry[2], -entry[0]))
+            del self.refs[key]
