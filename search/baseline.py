@@ -29,6 +29,7 @@ from search.memory import model_state_bytes
 from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
 from search.recompute import RECOMPUTE
+from search.saved import annotate_saved
 from search.seqpar import VARIANTS, SPChoice
 from search.dsp import dsp_layout, dsp_traffic
 from search.seqshard import Unsupported, propagate_seq
@@ -92,7 +93,9 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
         [p for p in _divisors(devices) if p > 1 or not pipelined]
     sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
-    regions = chunk_regions(mg, folding if folding is not None else fold(mg))
+    folding = folding if folding is not None else fold(mg)
+    annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
+    regions = chunk_regions(mg, folding)
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)

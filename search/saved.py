@@ -24,12 +24,13 @@ math fallback, which saves the [.., L, S] weights no fused kernel keeps.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from search.placement import op_name
 
@@ -45,20 +46,41 @@ class Census:
     savers: dict[int, frozenset]
     out_storage: dict[str, int]
 
+    @functools.cached_property
+    def saved_by_owner(self) -> dict[str, list[int]]:
+        """Node -> the saved storages it created."""
+        out: dict[str, list[int]] = {}
+        for k in self.savers:
+            if k in self.owner:
+                out.setdefault(self.owner[k], []).append(k)
+        return out
 
-def annotate_saved(gm: fx.GraphModule, number=int) -> Census:
+
+def annotate_saved(gm: fx.GraphModule, number=int, folding=None) -> Census:
     """Write ``node.meta["saved_bytes"]`` for every node of ``gm`` and return the census (kept in
     ``gm.meta["saved_census"]``: run once per graph). A symbolic capture (``planner.capture.capture_symbolic``)
     runs on its own fake tensors, so sizes stay ``torch.SymInt``; ``number`` turns each node's bytes into
-    what is stored (``int``, or ``search.graph.expression`` with the capture's symbols)."""
+    what is stored (``int``, or ``search.graph.expression`` with the capture's symbols).
+
+    With a ``folding`` (``search.fold``), instances 2, 3, ... of a template are not executed (their
+    outputs are fresh tensors of the recorded shapes) and every instance after the first gets the first
+    one's bytes, node by node: instance 1 still runs, so the first instance's output is saved by its
+    real consumer. The storage facts then describe the executed nodes only (first instances and the
+    nodes outside blocks: what the search reads). O(template size + nodes outside blocks)."""
     if "saved_census" not in gm.meta:
         inputs = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
         fake = next((v.fake_mode for v in inputs if isinstance(v, torch.Tensor) and _symbolic(v)), None)
-        run = _Census(gm, on_meta=fake is None)
+        copies = {}  # skipped or partly counted node -> the first instance's node at its position
+        for t in folding.templates if folding is not None else ():
+            for first, names in folding.correspondence(t.id).items():
+                copies.update({name: first for name in names[1:]})
+        skip = {name for t in folding.templates for names in folding.correspondence(t.id).values()
+                for name in names[2:]} if folding is not None else set()
+        run = _Census(gm, on_meta=fake is None, skip=skip)
         with fake or contextlib.nullcontext(), torch.autograd.graph.saved_tensors_hooks(run.pack, _unpack):
             run.run(*(v if fake else _meta_input(v) for v in inputs))
         for n in gm.graph.nodes:
-            n.meta["saved_bytes"] = number(run.saved.get(n.name, 0))
+            n.meta["saved_bytes"] = number(run.saved.get(copies.get(n.name, n.name), 0))
         gm.meta["saved_census"] = Census({k: o for k, o in run.owner.items() if o is not None}, run.nbytes,
                                          {k: frozenset(v) for k, v in run.savers.items()}, run.storage)
     return gm.meta["saved_census"]
@@ -70,7 +92,7 @@ def checkpoint_bytes(gm: fx.GraphModule, region: list[str]) -> tuple[int, int]:
     checkpoint keeps them alive)."""
     c = annotate_saved(gm)
     members = set(region)
-    freed = sum(c.nbytes[k] for k, savers in c.savers.items() if c.owner.get(k) in members and savers <= members)
+    freed = sum(c.nbytes[k] for name in region for k in c.saved_by_owner.get(name, ()) if c.savers[k] <= members)
     nodes = {n.name: n for n in gm.graph.nodes}
     inputs = {c.out_storage.get(a.name) for name in region for a in nodes[name].all_input_nodes
               if a.name not in members}
@@ -82,9 +104,10 @@ class _Census(fx.Interpreter):
     """``on_meta``: run on meta tensors (a concrete capture); else on the capture's own fake tensors,
     on their devices."""
 
-    def __init__(self, gm: fx.GraphModule, on_meta: bool):
+    def __init__(self, gm: fx.GraphModule, on_meta: bool, skip: set[str]):
         super().__init__(gm)
         self.on_meta = on_meta
+        self.skip = skip
         self.owner: dict[int, str | None] = {}   # storage -> node that created it (None: not an activation)
         self.savers: dict[int, set[str]] = {}    # storage -> nodes whose backward saves it
         self.saved: dict[str, int] = {}          # node -> bytes of the saved storages it created
@@ -120,7 +143,9 @@ class _Census(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         self.current = n.name
-        if n.op == "call_function" and op_name(n) == "scaled_dot_product_attention":
+        if n.name in self.skip:  # a later instance of a template: only its outputs' shapes matter
+            out = tree_map(self._fresh, n.meta.get("val"))
+        elif n.op == "call_function" and op_name(n) == "scaled_dot_product_attention":
             out = self._flash_attention(n)
         else:
             out = super().run_node(n)
@@ -130,6 +155,12 @@ class _Census(fx.Interpreter):
             self.storage[n.name] = _key(first)
         return out
 
+    def _fresh(self, val):
+        if not isinstance(val, torch.Tensor):
+            return val
+        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=_META if self.on_meta else val.device,
+                                   requires_grad=val.dtype.is_floating_point)
+
     def _flash_attention(self, n: fx.Node) -> torch.Tensor:
         args = [*n.args, *(n.kwargs[x] for x in ("query", "key", "value") if x in n.kwargs)][:3]
         q, k, v = (self.env[a] for a in args)
@@ -137,9 +168,7 @@ class _Census(fx.Interpreter):
         for t in (q, k, v, mask):
             if isinstance(t, torch.Tensor):
                 self.pack(t)
-        val = n.meta["val"]
-        out = torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=_META if self.on_meta else q.device,
-                                  requires_grad=True)
+        out = self._fresh(n.meta["val"])
         self._own(out, n.name)
         self.pack(out)
         lse = math.prod(q.shape[:-1]) * 4  # one fp32 per query row and head

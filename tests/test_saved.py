@@ -37,3 +37,19 @@ def test_census_matches_live_bytes_after_forward(name, seq):
         alive = mode.live
     del out
     assert 0.93 * alive <= predicted <= alive, f"census {predicted} B, alive after forward {alive} B"
+
+
+@pytest.mark.parametrize("name", ["gpt2-small", "llama2-7b", "dit-tiny", "evoformer-tiny"])
+def test_folded_census_equals_the_full_one(name):
+    """Executing one instance per template (plus the next, whose first node saves its output) and
+    copying gives every node the bytes the full run gives."""
+    from search.fold import fold
+
+    full = capture(*build(name, batch=2), name=name)
+    annotate_saved(full.gm)
+    folded = capture(*build(name, batch=2), name=name)
+    folding = fold(folded)
+    assert max(len(t.instances) for t in folding.templates) >= 2
+    annotate_saved(folded.gm, folding=folding)
+    want = {n.name: n.meta["saved_bytes"] for n in full.gm.graph.nodes}
+    assert {n.name: n.meta["saved_bytes"] for n in folded.gm.graph.nodes} == want
