@@ -60,3 +60,13 @@ class LiveBytes(TorchDispatchMode):
             self.live -= entry[0]
             self.events.append((entry[2], -entry[0]))
             del self.refs[key]
+
+
+def step_peak(module: torch.nn.Module, *args, **kwargs) -> int:
+    """Peak live bytes of one training step (forward of a scalar loss, then backward), the module's
+    parameters excluded; gradients are reset first."""
+    for p in module.parameters():
+        p.grad = None
+    with LiveBytes(exclude=module.parameters()) as mode:
+        module(*args, **kwargs).backward()
+    return mode.peak

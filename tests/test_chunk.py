@@ -29,7 +29,7 @@ from examples.gpt import GPT, GPTConfig
 from examples.zoo import build
 from passes.chunk import ChunkedRegion, apply_chunk
 from planner.capture import capture
-from runtime.memory import LiveBytes
+from runtime.memory import step_peak
 from search.chunkflow import ChunkError, chunk_flow, region_between, scope_region
 from tests.distributed import run_ranks
 
@@ -253,14 +253,6 @@ def test_chunking_after_tensor_or_sequence_parallel_matches():
 
 # --------------------------------------------------------------------------------------- memory
 
-def _peak(gm, args) -> int:
-    for p in gm.parameters():
-        p.grad = None
-    with LiveBytes(exclude=gm.parameters()) as mode:
-        gm(*args).backward()
-    return mode.peak
-
-
 def _largest_intermediate(flow) -> int:
     """Bytes of the region's largest intermediate; for attention, its weights [..., L, S]."""
     def size(n):
@@ -299,8 +291,8 @@ def test_peak_memory_falls_as_predicted(case, make, region):
     gm, args = make()
     names, chunks = region(gm), 4
     u = _largest_intermediate(chunk_flow(gm, names, 1))
-    before = _peak(gm, args)
-    after = _peak(apply_chunk(_copy(gm), names, 1, chunks), args)
+    before = step_peak(gm, *args)
+    after = step_peak(apply_chunk(_copy(gm), names, 1, chunks), *args)
     predicted = 3 * u * (1 - 1 / chunks)
     print(f"\n{case}: peak {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB with {chunks} chunks; "
           f"fell {(before - after) / 2**20:.2f} MiB, predicted 3u(1-1/k) = {predicted / 2**20:.2f} MiB")

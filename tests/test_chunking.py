@@ -18,7 +18,7 @@ from examples.gpt import GPT, GPTConfig
 from examples.zoo import build
 from passes.chunk import ChunkedRegion, apply_chunking
 from planner.capture import capture
-from runtime.memory import LiveBytes
+from runtime.memory import step_peak
 from search.chunking import ChunkRegion, chunk_drop, chunk_memory, chunk_regions, matching_scopes, select
 from search.errors import BadInput
 from search.fold import fold
@@ -150,15 +150,6 @@ def test_entries_that_match_nothing_are_bad_input():
     assert not any(isinstance(m, ChunkedRegion) for m in gm.modules())
 
 
-def _activation_peak(gm, args) -> int:
-    """Peak live bytes of one training step, parameters excluded (their gradients are tiny here)."""
-    for p in gm.parameters():
-        p.grad = None
-    with LiveBytes(exclude=gm.parameters()) as mode:
-        gm(*args).backward()
-    return mode.peak
-
-
 def _gpt():
     torch.manual_seed(0)
     cfg = GPTConfig(layers=2, heads=2, hidden=32, vocab=2048, seq=256, ffn=1024)
@@ -188,10 +179,10 @@ def test_predicted_drop_matches_measured_peak(make, kinds, k):
     mg = capture(copy.deepcopy(model), args)
     regions = chunk_regions(mg)
     chosen = {r: k for r in regions if kinds is None or r.kind in kinds}
-    base = _activation_peak(mg.gm, args)
+    base = step_peak(mg.gm, *args)
     gm = apply_chunking(capture(copy.deepcopy(model), args).gm,
                         [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in chosen])
-    fell = base - _activation_peak(gm, args)
+    fell = base - step_peak(gm, *args)
     predicted = chunk_drop(regions, chosen)
     assert fell > 0.1 * base, (kinds, k, fell, base)
     assert abs(predicted - fell) <= 0.25 * fell, (kinds, k, predicted, fell, base)
