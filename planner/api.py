@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,19 +18,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from planner.capture import capture
+from planner.capture import capture, capture_symbolic, example_sizes
 from planner.models import resolve_model
 from planner.plan import Plan
 from search.baseline import best, enumerate_candidates, shard_all
 from search.candidate import Candidate
 from search.cluster import Cluster, cpu_cache_path, get_cluster
-from search.errors import AutoparError, BadInput
+from search.errors import AutoparError, BadInput, Infeasible
 from search.fold import fold as fold_graph
 from search.fold import no_fold
 from search.placement import propagate
+from search.range import Outcome, plan_range
 from search.recompute import block_scopes
 from search.seqpar import preference
+from search.specialize import Specializer
 from search.strategy import ilp_select
+from search.symbolic import SYMBOLS
 
 _RUNNERS_UP = 4
 
@@ -62,8 +66,8 @@ def _calibrate_in_subprocess(ranks: int) -> None:
                        "run `python -m runtime.calibrate` by hand or pass a cluster JSON file")
 
 
-def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *, global_batch: int | None = None,
-              dtype: str = "bf16", memory_limit: float | None = None, fix: dict | None = None,
+def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *, global_batch=None,
+              seq_len=None, dtype: str = "bf16", memory_limit: float | None = None, fix: dict | None = None,
               fold: bool = True, search: str = "ilp", timings: bool = False, name: str | None = None) -> Plan:
     """Capture ``model`` on ``example_inputs`` (a tuple of args, or ``(args, kwargs)``) and choose a plan.
 
@@ -71,20 +75,42 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
     device (default: the cluster's device memory). ``fix`` pins degrees, e.g. ``{"tp": 2, "zero": 1}``.
     ``search`` is ``"ilp"`` (the ILP picks the tensor-parallel cones; ``fold`` solves each repeated
     block once) or ``"enumerate"`` (the full Megatron pattern for every degree: the oracle).
+
+    A range ``seq_len=(lo, hi)`` or ``(lo, hi, step)`` (or ``global_batch=(lo, hi[, step])``) plans the
+    whole grid ``lo, lo + step, ..., hi`` from one symbolic capture and returns a piecewise plan: the
+    plan at ``lo`` with a ``range`` section listing each piece, the breakpoints and the predicted
+    curve (``search.range``; ``Plan.piece_for(value)`` selects a piece). The example inputs' sequence
+    must then reach ``hi`` where the model has position tables.
     """
     if search not in ("ilp", "enumerate"):
         raise BadInput(f"unknown search {search!r}; use 'ilp' or 'enumerate'")
     start = time.perf_counter()
     cl = load_cluster(cluster)
     args, kwargs = split_inputs(example_inputs)
+    grid = _grid(global_batch, seq_len)
+    options = dict(dtype=dtype, memory_limit=memory_limit, fix=fix, fold=fold, search=search)
+    if grid is not None:
+        return _range_plan(model, args, kwargs, cl, grid, global_batch, name or type(model).__name__, start, timings,
+                           options)
     mg = capture(model, args, kwargs, name=name or type(model).__name__)
-    gb = global_batch or mg.batch_size
+    plan, _, why = _point_plan(mg, cl, global_batch or mg.batch_size, **options)
+    if plan is None:
+        raise Infeasible(why)
+    if timings:
+        plan["search"]["seconds"] = round(time.perf_counter() - start, 3)
+    return Plan.from_dict(plan)
+
+
+def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, search) -> tuple[dict | None, list, str]:
+    """(plan dict or None when nothing fits, every candidate priced, why nothing fits) of the captured ``mg``."""
     folding = fold_graph(mg) if fold else no_fold(mg)
     select = ilp_select if search == "ilp" else shard_all
     cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
                                  select=select, folding=folding)
-    limit = memory_limit if memory_limit is not None else cl.memory_bytes
-    win = best(cands, limit)
+    try:
+        win = best(cands, memory_limit if memory_limit is not None else cl.memory_bytes)
+    except Infeasible as exc:
+        return None, cands, str(exc)
     if win.tp > 1:
         propagate(mg.gm, win.styles, win.tp)  # what is priced must be what the passes can run
     plan = {
@@ -106,26 +132,148 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
         "chunking": win.chunking,
         "recompute": win.recompute,
         "predicted": _predicted(win, mg, cl, dtype, gb),
-        "search": {"seconds": round(time.perf_counter() - start, 3) if timings else None, "folded": fold,
+        "search": {"seconds": None, "folded": fold,
                    "unique_blocks": len(folding.templates), "ilp_variables": win.solver.get("variables", 0),
                    "solver_status": win.solver.get("status", "enumerated"), "candidates": len(cands)},
         "alternatives": [_alternative(c, win) for c in _runners_up(cands, win)],
         "warnings": list(mg.warnings),
     }
-    return Plan.from_dict(plan)
+    return plan, cands, ""
+
+
+# the fields that make two plans the same plan (what the passes read); the rest are predictions
+_DECISION = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
+
+
+def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, name: str, start: float,
+                timings: bool, options: dict) -> Plan:
+    """The piecewise plan over ``grid`` = (symbol, lo, hi, step): one symbolic capture, specialised and
+    searched at the values ``search.range.plan_range`` asks for."""
+    symbol, lo, hi, step = grid
+    mg = capture_symbolic(model, args, kwargs, name=name, seq_dims=(1,) if symbol == "S" else ())
+    at = Specializer(mg)
+    example_batch, example_seq = example_sizes(args, kwargs)
+    limit = options["memory_limit"] if options["memory_limit"] is not None else cl.memory_bytes
+    plans: dict[int, dict] = {}
+
+    def search_at(v: int) -> Outcome:
+        point = at(v, example_seq) if symbol == "B" else at(example_batch, v)
+        gb = v if symbol == "B" else (global_batch or example_batch)
+        plan, cands, why = _point_plan(point, cl, gb, **options)
+        if plan is None:
+            return Outcome(None, costs=_costs(cands, limit), reason=why)
+        plans[v] = plan
+        decision = json.dumps({k: plan[k] for k in _DECISION} | {"sp": _sp_decision(plan)}, sort_keys=True)
+        return Outcome(decision, _config(cands[0]), _costs(cands, limit))
+
+    result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
+    pieces = []
+    for p in result.pieces:
+        pieces.append({"lo": p.lo, "hi": p.hi if p is not result.pieces[-1] else hi, "plan": plans.get(p.lo),
+                       "infeasible": p.outcome.reason if p.outcome.decision is None else "",
+                       "step_time_s": str(p.step_time) if p.step_time is not None else "",
+                       "peak_memory_bytes": str(p.memory) if p.memory is not None else ""})
+    for i in range(len(pieces) - 1):
+        pieces[i]["hi"] = pieces[i + 1]["lo"] - 1  # values between grid points: the piece on their left
+    first = next((p["plan"] for p in pieces if p["plan"] is not None), None)
+    if first is None:
+        raise Infeasible(f"no plan fits anywhere in {symbol} = {lo}..{hi}: at {lo}: {pieces[0]['infeasible']}")
+    piece_of = {}
+    for i, p in enumerate(result.pieces):
+        for v in result.evaluated:
+            if p.lo <= v <= p.hi:
+                piece_of[v] = i
+    top = dict(first)
+    top["range"] = {
+        "symbol": symbol, "lo": lo, "hi": hi, "step": step, "pieces": pieces,
+        "breakpoints": [{"at": b.at, "cause": b.cause, "left": _cost_dict(b.left), "right": _cost_dict(b.right)}
+                        for b in result.breakpoints],
+        "samples": [{"at": v, "piece": piece_of[v],
+                     "step_time_s": o.cost[0] if o.cost else None,
+                     "peak_memory_bytes": o.cost[1] if o.cost else None} for v, o in result.evaluated.items()],
+    }
+    if timings:
+        top["search"] = dict(top["search"], seconds=round(time.perf_counter() - start, 3))
+    return Plan.from_dict(top)
+
+
+def _grid(global_batch, seq_len) -> tuple | None:
+    """("S" or "B", lo, hi, step) when one of them is a range (a tuple), else None."""
+    ranges = [(sym, v) for sym, v in (("B", global_batch), ("S", seq_len)) if isinstance(v, (tuple, list))]
+    if isinstance(seq_len, int):
+        raise BadInput("seq_len takes a range (lo, hi) or (lo, hi, step); a point plan's sequence length is "
+                       "the example inputs'")
+    if not ranges:
+        return None
+    if len(ranges) > 1:
+        raise BadInput("plan over a range of the sequence length or of the global batch, not both at once")
+    sym, v = ranges[0]
+    what = "--seq" if sym == "S" else "--global-batch"
+    if len(v) not in (2, 3) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise BadInput(f"{what} range must be LO..HI or LO..HI:STEP with integers, got {v!r}")
+    lo, hi = v[0], v[1]
+    step = v[2] if len(v) == 3 else _default_step(lo, hi)
+    if not (1 <= lo <= hi) or step < 1 or (hi - lo) % step:
+        raise BadInput(f"{what} {lo}..{hi}:{step}: need 1 <= LO <= HI and STEP dividing HI - LO "
+                       f"(e.g. {lo}..{lo + (hi - lo) // step * step}:{step})")
+    if sym == "S" and lo < 2:
+        raise BadInput(f"--seq range must start at 2 or more (a symbolic capture specialises length 1), got {lo}")
+    return sym, lo, hi, step
+
+
+def _default_step(lo: int, hi: int) -> int:
+    """The largest power of two dividing both ends, at most 128: lengths that split over any
+    power-of-two sequence-parallel degree up to 64 in the zig-zag layout."""
+    g = math.gcd(lo, hi)
+    return min(g & -g, 128)
+
+
+def _config(c: Candidate) -> tuple:
+    """What makes two candidates one configuration across values of a range: the key, the attention
+    variant and the chunked regions."""
+    return (*c.key(), c.sp.variant if c.sp is not None else "none",
+            tuple((r["kind"], r["scope"], r["chunks"]) for r in c.chunking))
+
+
+def _costs(cands: list[Candidate], limit: float) -> dict:
+    """Configuration -> (step time, peak memory, fits) of every candidate; a chunked one also gives its
+    configuration without chunking (what it costs and whether it fits), so the range search sees
+    memory cross the limit where chunking sets in."""
+    out = {}
+    for c in cands:
+        out.setdefault(_config(c), (c.step_time_s, c.peak_memory, c.feasible))
+        if c.chunking:
+            bare = c.peak_memory + c.chunk_freed
+            out.setdefault(_config(c)[:-1] + ((),), (c.step_time_s - c.breakdown["chunk_recompute"], bare,
+                                                       bare <= limit))
+    return out
+
+
+def _cost_dict(cost) -> dict:
+    if cost is None:
+        return {"step_time_s": None, "peak_memory_bytes": None, "feasible": False}
+    return {"step_time_s": cost[0], "peak_memory_bytes": cost[1], "feasible": cost[2]}
+
+
+def _sp_decision(plan: dict) -> dict:
+    sp = plan["sequence_parallel"]
+    return {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}
 
 
 def make_plan_from_spec(model_spec: str, *, cluster: str = "a100-80g", devices: int | None = None,
-                        global_batch: int | None = None, seq_len: int | None = None, dtype: str = "bf16",
+                        global_batch=None, seq_len=None, dtype: str = "bf16",
                         memory_limit_gib: float | None = None, fix: dict | None = None, fold: bool = True,
                         timings: bool = False) -> Plan:
-    """The CLI's ``autopar plan``: resolve a zoo name / ``file.py:factory`` / ``hf:type`` and plan it."""
+    """The CLI's ``autopar plan``: resolve a zoo name / ``file.py:factory`` / ``hf:type`` and plan it
+    (``seq_len`` / ``global_batch``: an int, or a range tuple as :func:`make_plan` takes)."""
     cl = load_cluster(cluster, devices)
-    gb = global_batch or cl.devices
-    loaded = resolve_model(model_spec, batch=gb, seq=seq_len, device="meta")
+    seq_range, batch_range = isinstance(seq_len, tuple), isinstance(global_batch, tuple)
+    gb = global_batch[0] if batch_range else global_batch or cl.devices
+    loaded = resolve_model(model_spec, batch=gb, seq=seq_len[1] if seq_range else seq_len, device="meta")
     limit = memory_limit_gib * 2**30 if memory_limit_gib is not None else None
-    return make_plan(loaded.model, (loaded.args, loaded.kwargs), cl, global_batch=gb, dtype=dtype,
-                     memory_limit=limit, fix=fix, fold=fold, timings=timings, name=loaded.name)
+    return make_plan(loaded.model, (loaded.args, loaded.kwargs), cl,
+                     global_batch=global_batch if batch_range else gb, seq_len=seq_len if seq_range else None,
+                     dtype=dtype, memory_limit=limit, fix=fix, fold=fold, timings=timings, name=loaded.name)
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:
@@ -249,6 +397,9 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     rank 0 plans (the other ranks' ``cluster``, ``constraints`` and ``memory_limit`` are not used)
     and broadcasts the plan, or its error, so every rank emits the same plan or raises the same error.
 
+    A piecewise plan (``make_plan(..., seq_len=(lo, hi))``) runs the piece that holds the inputs'
+    sequence length (or global batch, for a batch range).
+
     Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``) for dp × tp plans, or for a
     pipelined plan (pp > 1, with dp and tp; zero = 0 so far) a ``PipelineModule`` whose
     ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
@@ -264,11 +415,14 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         plan = _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank, world)
     elif not isinstance(plan, Plan):
         plan = Plan.from_json(Path(plan))
+    args, kwargs = split_inputs(example_inputs)
+    if plan.range is not None:  # a piecewise plan: the piece for these inputs' length (or batch)
+        batch_size, seq = example_sizes(args, kwargs)
+        plan = plan.piece_for(seq if plan.range["symbol"] == "S" else batch_size)
     if plan.cluster["devices"] != world:
         raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
     check_emittable(plan)
-    args, kwargs = split_inputs(example_inputs)
     deg = plan.degrees
     mesh = plan_mesh(plan)
     batch = batch_split(plan, mesh, args, kwargs)

@@ -50,7 +50,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
     """Export ``model`` on ``args``/``kwargs`` and annotate every node with :class:`NodeInfo`."""
     kwargs = kwargs or {}
     gm = _export(model, args, kwargs)
-    batch, seq = _batch_and_seq(args, kwargs)
+    batch, seq = example_sizes(args, kwargs)
     mg = _model_graph(gm, name, batch, seq)
     annotate(gm)
     return mg
@@ -82,7 +82,7 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     for node in gm.graph.find_nodes(op="placeholder"):  # target: the forward argument's name
         for d, sym in marked.get(node.target, {}).items():
             symbols[node.meta["val"].shape[d].node.expr] = SYMBOLS[sym]
-    seq = SYMBOLS["S"] if seq_dims else _batch_and_seq(args, kwargs)[1]
+    seq = SYMBOLS["S"] if seq_dims else example_sizes(args, kwargs)[1]
     mg = _model_graph(gm, name, SYMBOLS["B"], seq)
     annotate(gm, number=lambda v: expression(v, symbols))
     for node in mg.nodes():
@@ -94,6 +94,7 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
                                f"not only on the batch and sequence ({', '.join(map(str, sorted(free, key=str)))}); "
                                "capture it at concrete shapes with capture().")
     annotate_saved(gm, number=lambda v: expression(v, symbols))  # saved activations: expressions too
+    gm.meta["symbols"] = symbols  # read by search.specialize
     return mg
 
 
@@ -312,7 +313,8 @@ def _count_layers(param_shapes: dict) -> int:
     return max((len(v) for v in indices.values()), default=0)
 
 
-def _batch_and_seq(args, kwargs) -> tuple[int, int]:
+def example_sizes(args, kwargs) -> tuple[int, int]:
+    """(batch, sequence) of the example inputs: the first two dims of the first tensor with two or more."""
     for t in list(args) + list(kwargs.values()):
         if isinstance(t, torch.Tensor) and t.dim() >= 2:
             return int(t.shape[0]), int(t.shape[1])

@@ -4,7 +4,8 @@ A golden file is a plan JSON with a top-level ``case`` (the inputs that produced
 re-plans every case in a directory and compares the canonical plan; a mismatch prints
 ``Plan.diff`` (the decisions that moved and the predicted deltas). Add a case with
 ``autopar plan ... --record-case --out tests/golden/NAME.json``; refresh all with ``autopar check --update``.
-``why`` and ``memory_chart`` serve ``autopar explain``: they re-plan a recorded case with more pins.
+``why`` and ``memory_chart`` serve ``autopar explain``: they re-plan a recorded case with more pins;
+``range_chart`` draws a range plan's predicted curve.
 
     autopar check                      # exit 0 all equal, 1 a plan changed, 2 a golden file is bad
 """
@@ -255,8 +256,61 @@ def schedule_timeline(plan: Plan, path: str | Path, microbatches: int | None = N
     return bubble
 
 
+def range_chart(plan: Plan, path: str | Path) -> None:
+    """A range plan's predicted step time and peak memory per device across S (or B), one colour per piece.
+
+    Two panels sharing a log x-axis, drawn from ``range.samples``; breakpoints as dashed vertical lines,
+    pieces where nothing fits shaded, the memory limit (recorded case or built-in cluster) as a
+    horizontal line. PNG or SVG by the suffix of ``path``.
+    """
+    r = plan.range
+    if r is None:
+        raise BadInput("--range-chart: this is a point plan (no 'range'); re-plan with --seq LO..HI for a range plan")
+    if Path(path).suffix.lower() not in (".png", ".svg"):
+        raise BadInput(f"--range-chart {path}: expected a .png or .svg file name")
+    if not any(s["step_time_s"] is not None for s in r["samples"]):
+        raise BadInput("--range-chart: the range has no sample with a predicted step time to draw")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sym, d = r["symbol"], plan.to_dict()
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, sharex=True, figsize=(9, 6.4))
+    for i, pc in enumerate(r["pieces"]):
+        span = f"{sym} {pc['lo']}..{pc['hi']}"
+        if pc["plan"] is None:
+            for ax in (ax_t, ax_m):
+                ax.axvspan(pc["lo"], pc["hi"], color="0.9", label=f"{span}: no plan fits" if ax is ax_t else None)
+            continue
+        g = pc["plan"]["degrees"]
+        label = f"{span}: " + (" ".join(f"{k}{g[k]}" for k in ("pp", "dp", "sp", "tp") if g[k] != 1) or "dp1")
+        pts = [s for s in r["samples"] if s["piece"] == i]
+        color = f"C{i % 10}"
+        ax_t.plot([s["at"] for s in pts], [s["step_time_s"] for s in pts], "o-", ms=3, color=color, label=label)
+        ax_m.plot([s["at"] for s in pts], [s["peak_memory_bytes"] / 2**30 for s in pts], "o-", ms=3, color=color)
+    for b in r["breakpoints"]:
+        for ax in (ax_t, ax_m):
+            ax.axvline(b["at"], color="grey", linestyle="--", linewidth=1)
+        ax_t.text(b["at"], 0.98, f" {b['at']} ({b['cause']})", transform=ax_t.get_xaxis_transform(), rotation=90,
+                  va="top", ha="right", fontsize=7)
+    limit = _limit_gib(d)
+    if limit is not None:
+        ax_m.axhline(limit, color="black", linewidth=1, label=f"limit {limit:g} GiB")
+        ax_m.legend(fontsize=8, loc="upper left")
+    ax_t.set_xscale("log")
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("step time, s (predicted)")
+    ax_m.set_ylabel("peak memory / device, GiB (predicted)")
+    ax_m.set_xlabel("S (sequence length)" if sym == "S" else "B (global batch)")
+    ax_t.set_title(f"{d['model']['name']} on {d['cluster']['devices']}× {d['cluster']['name']}: "
+                   f"range over {sym} = {r['lo']}..{r['hi']}", fontsize=10)
+    ax_t.legend(fontsize=7, loc="upper left")
+    _save(fig, path, "--range-chart")
+
+
 def _save(fig, path: str | Path, option: str) -> None:
-    """Write ``fig`` as PNG; an unwritable path is bad input naming ``option``."""
+    """Write ``fig`` (PNG, or SVG by the suffix); an unwritable path is bad input naming ``option``."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()

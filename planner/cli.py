@@ -64,6 +64,21 @@ def parse_fix(text: str) -> dict[str, int | str]:
     return out
 
 
+def _int_or_range(text: str) -> int | tuple[int, ...]:
+    """``2048`` -> 2048; ``2048..1048576`` -> (2048, 1048576); ``2048..1048576:1024`` -> (2048, 1048576, 1024)."""
+    if ".." not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer or LO..HI[:STEP], got {text!r}") from None
+    lo, _, rest = text.partition("..")
+    hi, _, step = rest.partition(":")
+    try:
+        return tuple(int(x) for x in (lo, hi, *([step] if step else [])))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO..HI or LO..HI:STEP with integers, got {text!r}") from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="autopar", description="Automatic parallelization planner for PyTorch training.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -77,8 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cluster", default="a100-80g", metavar="NAME|FILE",
                     help="built-in cluster name or a cluster JSON file (default: a100-80g)")
     pl.add_argument("--devices", type=int, metavar="N")
-    pl.add_argument("--global-batch", type=int, metavar="B")
-    pl.add_argument("--seq", type=int, metavar="S")
+    pl.add_argument("--global-batch", type=_int_or_range, metavar="B|LO..HI[:STEP]",
+                    help="global batch, or a range to plan piecewise")
+    pl.add_argument("--seq", type=_int_or_range, metavar="S|LO..HI[:STEP]",
+                    help="sequence length, or a range to plan piecewise (one search for the whole range; "
+                         "STEP defaults to the largest power of two <= 128 dividing LO and HI)")
     pl.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     pl.add_argument("--memory-limit", type=float, metavar="GIB", help="per-device memory limit in GiB")
     pl.add_argument("--fix", metavar="dp=..,tp=..,pp=..,sp=..,zero=..,microbatches=..,schedule=..",
@@ -100,6 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="write predicted memory per device (winner and runners-up) as a stacked bar chart")
     ex.add_argument("--timeline", metavar="OUT.png",
                     help="draw the pipeline schedule (ranks × time) simulated from the stages' predicted times")
+    ex.add_argument("--range-chart", metavar="OUT.png|OUT.svg",
+                    help="draw a range plan's predicted step time and peak memory across S (or B), breakpoints marked")
 
     ck = sub.add_parser("check", help="re-plan the golden plans and report any decision that moved")
     ck.add_argument("dir", nargs="?", metavar="DIR", help="directory of golden plan JSON (default: tests/golden)")
@@ -166,6 +186,10 @@ def _cmd_plan(args) -> int:
     fix = parse_fix(args.fix) if args.fix is not None else {}
     for name in ("devices", "global_batch", "seq"):
         v = getattr(args, name)
+        if isinstance(v, tuple):
+            if args.record_case:
+                raise BadInput("--record-case records point plans; drop it or plan one value of the range")
+            continue
         if v is not None and v < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.memory_limit is not None and not args.memory_limit > 0:
@@ -199,7 +223,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_explain(args) -> int:
-    """The plan report, or with --why only the comparisons; --memory-chart / --timeline write PNGs."""
+    """The plan report, or with --why only the comparisons; --memory-chart / --timeline / --range-chart draw."""
     from planner import check
     from planner.plan import Plan
 
@@ -216,6 +240,9 @@ def _cmd_explain(args) -> int:
         bubble = check.schedule_timeline(plan, args.timeline)
         print(f"schedule timeline written to {args.timeline} (simulated idle, bubble and imbalance: "
               f"{bubble * 100:.1f} %; priced bubble {plan.predicted['bubble_fraction'] * 100:.1f} %)")
+    if args.range_chart:
+        check.range_chart(plan, args.range_chart)
+        print(f"range chart written to {args.range_chart}")
     return 0
 
 

@@ -17,6 +17,12 @@ per value). Real cost changes (≥ 1e-6 relative) still show, so golden plans ca
 The optional top-level ``case`` records the inputs that produced the plan ({model, cluster, devices,
 global_batch, seq, dtype, memory_limit_gib, fix}), so ``autopar check`` and ``autopar explain --why``
 can re-plan it (``planner.check.plan_case``).
+
+The optional top-level ``range`` makes a range plan over sequence length S (or global batch B): the
+top level is the plan at the range's low end; ``range.pieces`` tile [lo, hi], each with its own plan
+(validated like the top level, without ``range``/``case``; null when nothing fits), sympy expression
+strings for step time and peak memory (checked by a character whitelist, never evaluated), one
+``breakpoints`` entry per boundary and ``samples`` of the predicted curve (``Plan.piece_for``).
 """
 from __future__ import annotations
 
@@ -44,7 +50,7 @@ DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 TOP_KEYS = (
     "version", "case", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
     "tensor_parallel", "megatron_sp", "sequence_parallel", "templates", "chunking", "recompute", "predicted", "search",
-    "alternatives", "warnings",
+    "alternatives", "warnings", "range",
 )
 MODEL_KEYS = ("name", "params", "layers")
 CLUSTER_KEYS = ("name", "devices", "devices_per_node")
@@ -66,6 +72,15 @@ FIX_CHOICE_KEYS = {"schedule": SCHEDULES, "recompute": RECOMPUTE, "attention": S
 FIX_KEYS = FIX_INT_KEYS + tuple(FIX_CHOICE_KEYS)
 ALT_KEYS = ("degrees", "zero", "microbatch_size", "recompute", "step_time_s", "peak_memory_bytes",
             "feasible", "why")
+RANGE_KEYS = ("symbol", "lo", "hi", "step", "pieces", "breakpoints", "samples")
+RANGE_SYMBOLS = {"S": ("seq_len", "--seq"), "B": ("global_batch", "--global-batch")}  # field, plan option
+RANGE_CAUSES = ("memory", "time", "plan")
+PIECE_KEYS = ("lo", "hi", "plan", "infeasible", "step_time_s", "peak_memory_bytes")
+BREAK_KEYS = ("at", "cause", "left", "right")
+SIDE_KEYS = ("step_time_s", "peak_memory_bytes", "feasible")
+SAMPLE_KEYS = ("at", "piece", "step_time_s", "peak_memory_bytes")
+MAX_EXPR = 2000
+_EXPR_CHARS = frozenset("0123456789eE.+-*/() ")
 
 # Fixed key order for known nested dicts; other dicts (free-form) get sorted keys.
 _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -80,6 +95,12 @@ _ORDER: dict[tuple[str, ...], tuple[str, ...]] = {
     ("sequence_parallel",): SP_KEYS,
     ("sequence_parallel", "options", "[]"): SP_OPTION_KEYS,
     ("chunking", "[]"): CHUNK_KEYS,
+    ("range",): RANGE_KEYS,
+    ("range", "pieces", "[]"): PIECE_KEYS,
+    ("range", "breakpoints", "[]"): BREAK_KEYS,
+    ("range", "breakpoints", "[]", "left"): SIDE_KEYS,
+    ("range", "breakpoints", "[]", "right"): SIDE_KEYS,
+    ("range", "samples", "[]"): SAMPLE_KEYS,
 }
 
 GIB = 1024 ** 3
@@ -387,7 +408,118 @@ def _validate(d: Any) -> dict:
     V.list_(w, "warnings")
     for i, x in enumerate(w):
         V.str_(x, f"warnings[{i}]")
+    if "range" in d:
+        _validate_range(d["range"])
     return d
+
+
+def _obj(v: Any, keys: tuple[str, ...], field: str) -> dict:
+    """``v`` must be an object with exactly ``keys``."""
+    if not isinstance(v, dict):
+        _V.fail(field, f"expected an object, got {_type_name(v)}")
+    _V.keys(v, keys, field)
+    extra = sorted(k for k in v if k not in keys)
+    if extra:
+        _V.fail(f"{field}.{extra[0]}", f"unknown key (known: {', '.join(keys)})")
+    return v
+
+
+def _expr(v: Any, symbol: str, field: str) -> str:
+    """An expression string in ``symbol``: whitelisted characters and length only (never evaluated)."""
+    _V.str_(v, field)
+    if len(v) > MAX_EXPR:
+        _V.fail(field, f"expression longer than {MAX_EXPR} characters ({len(v)})")
+    bad = sorted(set(v) - _EXPR_CHARS - {symbol})
+    if bad:
+        _V.fail(field, f"character {bad[0]!r} not allowed in an expression in {symbol} "
+                       f"(digits, {symbol}, e, E, '.', '+', '-', '*', '/', '(', ')', spaces)")
+    return v
+
+
+def _validate_piece_plan(p: Any, field: str) -> dict:
+    """A piece's plan: a complete plan without ``range``/``case``; errors name the field under ``field``."""
+    for k in ("range", "case"):
+        if isinstance(p, dict) and k in p:
+            _V.fail(f"{field}.{k}", "a piece's plan must not have its own range or case")
+    try:
+        return _validate(p)
+    except BadInput as e:
+        msg = str(e)
+        raise BadInput(msg.replace("plan field '", f"plan field '{field}.", 1) if msg.startswith("plan field '")
+                       else f"plan field '{field}': {msg.removeprefix('plan: ')}") from None
+
+
+def _validate_range(r: Any) -> None:
+    """``range``: pieces tiling [lo, hi], one breakpoint per boundary, samples sorted inside [lo, hi].
+
+    Normalises each piece's plan in place (defaults filled like the top level).
+    """
+    V = _V
+    _obj(r, RANGE_KEYS, "range")
+    sym = V.str_(r["symbol"], "range.symbol", tuple(RANGE_SYMBOLS))
+    lo = V.int_(r["lo"], "range.lo", 1)
+    hi = V.int_(r["hi"], "range.hi", lo)
+    step = V.int_(r["step"], "range.step", 1)
+    if (hi - lo) % step:
+        V.fail("range.step", f"{step} does not divide hi - lo = {hi - lo} (the values planned are lo + k * step)")
+    pieces = V.list_(r["pieces"], "range.pieces")
+    if not pieces:
+        V.fail("range.pieces", "must not be empty")
+    nxt = lo
+    for i, pc in enumerate(pieces):
+        f = f"range.pieces[{i}]"
+        _obj(pc, PIECE_KEYS, f)
+        if V.int_(pc["lo"], f"{f}.lo") != nxt:
+            V.fail(f"{f}.lo", f"must be {nxt} ({f'range.pieces[{i - 1}].hi + 1' if i else 'range.lo'}), "
+                              f"got {pc['lo']} (pieces must be contiguous and sorted)")
+        if (pc["lo"] - lo) % step:
+            V.fail(f"{f}.lo", f"{pc['lo']} is not on the grid lo + k * step ({lo} + k * {step})")
+        nxt = V.int_(pc["hi"], f"{f}.hi", pc["lo"], hi) + 1
+        reason = V.str_(pc["infeasible"], f"{f}.infeasible")
+        exprs = [_expr(pc[k], sym, f"{f}.{k}") for k in ("step_time_s", "peak_memory_bytes")]
+        if pc["plan"] is None:
+            if not reason:
+                V.fail(f"{f}.infeasible", "must give the reason when plan is null")
+            if any(exprs):
+                V.fail(f"{f}.{'step_time_s' if exprs[0] else 'peak_memory_bytes'}", 'must be "" when plan is null')
+            continue
+        if reason:
+            V.fail(f"{f}.infeasible", 'must be "" when plan is not null')
+        pc["plan"] = _validate_piece_plan(pc["plan"], f"{f}.plan")
+        key = RANGE_SYMBOLS[sym][0]
+        if pc["plan"][key] != pc["lo"]:
+            V.fail(f"{f}.plan.{key}", f"{pc['plan'][key]} != the piece's lo {pc['lo']} (its plan is evaluated there)")
+    if nxt != hi + 1:
+        V.fail(f"range.pieces[{len(pieces) - 1}].hi", f"must be range.hi {hi}, got {nxt - 1}")
+
+    bps = V.list_(r["breakpoints"], "range.breakpoints")
+    if len(bps) != len(pieces) - 1:
+        V.fail("range.breakpoints", f"{len(bps)} breakpoints for {len(pieces)} pieces (expected {len(pieces) - 1})")
+    for i, b in enumerate(bps):
+        f = f"range.breakpoints[{i}]"
+        _obj(b, BREAK_KEYS, f)
+        if V.int_(b["at"], f"{f}.at") != pieces[i + 1]["lo"]:
+            V.fail(f"{f}.at", f"must be range.pieces[{i + 1}].lo {pieces[i + 1]['lo']}, got {b['at']}")
+        V.str_(b["cause"], f"{f}.cause", RANGE_CAUSES)
+        for side in ("left", "right"):
+            sd = _obj(b[side], SIDE_KEYS, f"{f}.{side}")
+            V.num(sd["step_time_s"], f"{f}.{side}.step_time_s", 0, nullable=True)
+            V.num(sd["peak_memory_bytes"], f"{f}.{side}.peak_memory_bytes", 0, nullable=True)
+            V.bool_(sd["feasible"], f"{f}.{side}.feasible")
+
+    prev = None
+    for i, s in enumerate(V.list_(r["samples"], "range.samples")):
+        f = f"range.samples[{i}]"
+        _obj(s, SAMPLE_KEYS, f)
+        at = V.int_(s["at"], f"{f}.at", lo, hi)
+        if prev is not None and at <= prev:
+            V.fail(f"{f}.at", f"{at} after {prev} (samples must be sorted by 'at', strictly increasing)")
+        prev = at
+        pc = pieces[V.int_(s["piece"], f"{f}.piece", 0, len(pieces) - 1)]
+        if not pc["lo"] <= at <= pc["hi"]:
+            V.fail(f"{f}.piece", f"piece {s['piece']} covers {pc['lo']}..{pc['hi']}, not {at}")
+        for k in ("step_time_s", "peak_memory_bytes"):
+            V.num(s[k], f"{f}.{k}", 0, nullable=pc["plan"] is None)
 
 
 def _validate_sp(d: dict, degree: int) -> None:
@@ -468,7 +600,8 @@ def _canonical(obj: Any, path: tuple[str, ...] = ()) -> Any:
             order = [k for k in DEGREE_KEYS if k in obj] + sorted(k for k in obj if k not in DEGREE_KEYS)
         else:
             order = sorted(obj)
-        return {k: _canonical(obj[k], path + (k,)) for k in order}
+        nested = path == ("range", "pieces", "[]")  # a piece's plan is canonical like the top level
+        return {k: _canonical(obj[k], () if nested and k == "plan" else path + (k,)) for k in order}
     if isinstance(obj, list):
         return [_canonical(v, path + ("[]",)) for v in obj]
     if isinstance(obj, float):
@@ -779,6 +912,25 @@ class Plan:
     search = property(lambda self: self._get("search"))
     alternatives = property(lambda self: self._get("alternatives"))
     warnings = property(lambda self: self._get("warnings"))
+    range = property(lambda self: copy.deepcopy(self._d.get("range")))
+
+    def piece_for(self, value: int) -> "Plan":
+        """The plan of the range piece holding ``value`` (of S or B), with its seq_len / global_batch set to it."""
+        r = self._d.get("range")
+        if r is None:
+            raise BadInput(f"this is a point plan (seq len {self._d['seq_len']}, global batch "
+                           f"{self._d['global_batch']}), it has no range; re-plan with --seq LO..HI "
+                           "(or --global-batch LO..HI) for a range plan")
+        sym, (key, option) = r["symbol"], RANGE_SYMBOLS[r["symbol"]]
+        if not _is_int(value):
+            raise BadInput(f"{sym}: expected an integer, got {_type_name(value)}")
+        if not r["lo"] <= value <= r["hi"]:
+            raise BadInput(f"{sym}={value} is outside this plan's range {r['lo']}..{r['hi']}; re-plan with "
+                           f"{option} {min(r['lo'], value)}..{max(r['hi'], value)} covering {value}")
+        pc = next(pc for pc in r["pieces"] if pc["lo"] <= value <= pc["hi"])
+        if pc["plan"] is None:
+            raise BadInput(f"{sym}={value}: no plan on {sym} = {pc['lo']}..{pc['hi']}: {pc['infeasible']}")
+        return Plan.from_dict({**pc["plan"], key: value})
 
     # ------------------------------------------------------------ explain
     def explain(self) -> str:
@@ -925,6 +1077,8 @@ class Plan:
             con.print("warnings:")
             for w in d["warnings"]:
                 con.print(f"  - {w}", markup=False, highlight=False)
+        if "range" in d:
+            _print_range(con, d["range"])
         return con.export_text()
 
     # ------------------------------------------------------------ diff
@@ -1001,6 +1155,42 @@ class Plan:
         if rest:
             out.append(f"also changed: {', '.join(rest)}")
         return out
+
+
+def _print_range(con, r: dict) -> None:
+    """``explain``'s range section: each piece's plan predicted at its low end, then the breakpoints."""
+    from rich import box
+    from rich.table import Table
+
+    sym = r["symbol"]
+    t = Table(title=f"Range over {sym} = {r['lo']}..{r['hi']} (each piece's plan predicted at its low end)",
+              title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in (sym, "pp", "dp", "sp", "tp", "zero", "attention", "recompute", "chunks", "step", "peak mem"):
+        t.add_column(col, justify="left" if col in (sym, "attention", "recompute") else "right")
+    for pc in r["pieces"]:
+        p = pc["plan"]
+        if p is None:
+            t.add_row(f"{pc['lo']}..{pc['hi']}", *["-"] * 8, "no plan fits", "")
+            continue
+        g, sp, rc = p["degrees"], p["sequence_parallel"], p["recompute"]
+        t.add_row(f"{pc['lo']}..{pc['hi']}", *(str(g[k]) for k in ("pp", "dp", "sp", "tp", "zero")),
+                  _sp_name(sp["variant"], sp["inner"], sp["degree"]) if sp else "-",
+                  rc if isinstance(rc, str) else _short(rc, 30), str(len(p["chunking"])),
+                  f"{p['predicted']['step_time_s'] * 1e3:.3f} ms", _fmt_bytes(p["predicted"]["peak_memory_bytes"]))
+    con.print(t)
+    for pc in r["pieces"]:
+        if pc["plan"] is None:
+            con.print(f"  {sym} = {pc['lo']}..{pc['hi']}: {pc['infeasible']}", markup=False, highlight=False)
+    if r["breakpoints"]:
+        bt = Table(title=f"breakpoints (both plans priced at {sym}: left = the lower piece's, right = the upper piece's)",
+                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for col in (sym, "cause", "left step", "left peak", "fits", "right step", "right peak", "fits"):
+            bt.add_column(col, justify="left" if col == "cause" else "right")
+        for b in r["breakpoints"]:
+            sides = [(_fmt_num(None) if s["step_time_s"] is None else f"{s['step_time_s'] * 1e3:.3f} ms",
+                      _fmt_bytes(s["peak_memory_bytes"]), _fmt_num(s["feasible"])) for s in (b["left"], b["right"])]
+            bt.add_row(str(b["at"]), b["cause"], *sides[0], *sides[1])
+        con.print(bt)
 
 
 def _sp_name(variant: str, inner: int, degree: int) -> str:

@@ -1,0 +1,169 @@
+"""Piecewise plans: which plan wins where over a range of the sequence length S (or global batch B).
+
+``plan_range(search, lo, hi, step)`` takes ``search(v) -> Outcome`` — the full concrete search at one
+value (the planner runs it on ``search.specialize``: the symbolic capture evaluated at that point, no
+tracing) — and returns the pieces of the grid ``lo, lo + step, ..., hi`` on which one plan wins, with
+every breakpoint exact on the grid:
+
+1. **Probe** a geometric grid (``lo``, ``lo·2``, ``lo·4``, ..., ``hi``).
+2. Between two evaluated values with different winners P and Q, **solve** for the crossing: the
+   memory of P against the limit when P stops fitting, else the step-time difference of P and Q
+   (every search prices every configuration, so both are known at both ends). For one configuration
+   they are polynomials of low degree in the varying symbol (FLOPs, bytes and saved activations of
+   the capture are: ``search.symbolic``; attention is the S² term) while its inner choices stay put,
+   so the root of the line through the two ends (regula falsi) closes in quickly.
+3. **Confirm** by evaluating the first grid value past the root and the one before it: the
+   breakpoint is exact when they give Q and P. Otherwise the new value splits the interval and
+   step 2 repeats on the part whose ends still differ (every second guess bisects: O(log) at worst),
+   until every boundary is between neighbouring grid values.
+
+Each piece's step time and memory are then written as polynomials in the symbol, interpolated
+through three of its evaluated values and kept only when every other evaluated value of the piece
+agrees (``_expressions``). Pieces narrower than the probe spacing whose neighbours agree are not seen
+(the probes are ``PROBE_RATIO`` apart); every reported breakpoint is exact on the grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import sympy
+
+PROBE_RATIO = 2
+
+
+@dataclass
+class Outcome:
+    """The search at one value: the winner's ``decision`` (hashable: equal decisions are one plan,
+    ``None`` when nothing fits), its configuration ``key`` and every configuration's (step time s, peak
+    memory bytes, fits) in ``costs``."""
+
+    decision: object
+    key: object = None
+    costs: dict = field(default_factory=dict)
+    reason: str = ""                             # why nothing fits (decision None)
+
+    @property
+    def cost(self) -> tuple[float, float, bool] | None:
+        return self.costs.get(self.key)
+
+
+@dataclass
+class Breakpoint:
+    at: int                      # the first value of the right piece
+    cause: str                   # "memory" | "time" | "plan"
+    left: tuple | None           # the left plan's configuration (time, memory, fits) at ``at``
+    right: tuple | None          # the right plan's at ``at``
+
+
+@dataclass
+class Piece:
+    lo: int
+    hi: int
+    outcome: Outcome             # at lo
+    step_time: sympy.Expr | None = None   # of the varying symbol, where interpolation was confirmed
+    memory: sympy.Expr | None = None
+
+
+@dataclass
+class RangeResult:
+    pieces: list[Piece]
+    breakpoints: list[Breakpoint]
+    evaluated: dict[int, Outcome]   # every value searched, in order
+
+
+def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, limit: float,
+               symbol: sympy.Symbol) -> RangeResult:
+    """Pieces of ``lo..hi`` (grid ``step``) by the procedure of the module docstring; ``limit``: bytes
+    per device the plans must fit."""
+    seen: dict[int, Outcome] = {}
+
+    def at(v: int) -> Outcome:
+        if v not in seen:
+            seen[v] = search(v)
+        return seen[v]
+
+    for v in _probes(lo, hi, step):
+        at(v)
+    failed = 0  # guesses since a boundary last closed: every second one bisects, so the loop is O(log)
+    while True:
+        values = sorted(seen)
+        open_ = [(x, y) for x, y in zip(values, values[1:]) if y - x > step and seen[x].decision != seen[y].decision]
+        if not open_:
+            break
+        x, y = open_[0]
+        g = _guess(seen, x, y, step, limit, bisect=failed % 2 == 1)
+        if at(g).decision == seen[y].decision and g - step > x:
+            at(g - step)  # the other side of the root: closes the boundary when the root was right
+        closed = g - step in seen and seen[g - step].decision == seen[x].decision and seen[g].decision == seen[y].decision
+        failed = 0 if closed else failed + 1
+    values = sorted(seen)
+    starts = [values[0]] + [y for x, y in zip(values, values[1:]) if seen[x].decision != seen[y].decision]
+    ends = [s - step for s in starts[1:]] + [hi]
+    pieces = [Piece(s, e, seen[s]) for s, e in zip(starts, ends)]
+    for p in pieces:
+        p.step_time, p.memory = _expressions(seen, p, symbol)
+    breaks = [_breakpoint(seen, s, step) for s in starts[1:]]
+    return RangeResult(pieces, breaks, dict(sorted(seen.items())))
+
+
+def _probes(lo: int, hi: int, step: int) -> list[int]:
+    out, v = {lo, hi}, lo
+    while v * PROBE_RATIO < hi:
+        v *= PROBE_RATIO
+        out.add(_snap(v, lo, step))
+    return sorted(out)
+
+
+def _snap(v: float, lo: int, step: int) -> int:
+    return lo + int(round((v - lo) / step)) * step
+
+
+def _guess(seen: dict[int, Outcome], x: int, y: int, step: int, limit: float, bisect: bool) -> int:
+    """The grid value in (x, y] where the winner P of ``x`` should stop winning: the first one past the
+    root of the line through the values at x and y of P's memory minus the limit (when P stops
+    fitting) or of P's step time minus that of the winner Q of ``y`` (regula falsi: within a piece both
+    are polynomials of low degree in the varying symbol, so the line tightens as the bracket shrinks);
+    the midpoint when ``bisect`` or when the values do not bracket a root."""
+    fx = fy = None
+    p, q = seen[x].key, seen[y].key
+    px, py = seen[x].costs.get(p), seen[y].costs.get(p)
+    if not bisect and px and py and px[2]:
+        if not py[2]:  # P stops fitting: memory(v) - limit crosses zero
+            fx, fy = px[1] - limit, py[1] - limit
+        elif (qx := seen[x].costs.get(q)) and (qy := seen[y].costs.get(q)) and qx[2] and qy[2]:
+            fx, fy = px[0] - qx[0], py[0] - qy[0]  # Q gets faster than P
+    root = x + (y - x) * fx / (fx - fy) if fx is not None and fx <= 0 < fy else (x + y) / 2
+    return min(max(x + math.ceil((root - x) / step) * step, x + step), y)
+
+
+def _expressions(seen: dict[int, Outcome], piece: Piece, symbol: sympy.Symbol):
+    """(step time, memory) of the piece's configuration as polynomials in ``symbol`` interpolated
+    through three of its evaluated values and confirmed at every other one (relative 1e-6); None
+    where that does not hold or fewer than four values were evaluated in the piece."""
+    key = piece.outcome.key
+    inside = [u for u in seen if piece.lo <= u <= piece.hi and seen[u].costs.get(key)]
+    if key is None or len(inside) < 4:
+        return None, None
+    out = []
+    for i in (0, 1):
+        pick = [inside[0], inside[len(inside) // 2], inside[-1]]
+        f = sympy.interpolate([(sympy.Integer(u), sympy.Float(seen[u].costs[key][i])) for u in pick], symbol)
+        ok = all(math.isclose(float(f.subs(symbol, u)), seen[u].costs[key][i], rel_tol=1e-6) for u in inside)
+        out.append(sympy.expand(f) if ok else None)
+    return tuple(out)
+
+
+def _breakpoint(seen: dict[int, Outcome], at: int, step: int) -> Breakpoint:
+    """Why the winner changes at ``at``: both plans priced there (the left one no longer fits, or is
+    slower, or the difference is inside the configuration: ILP picks, stages)."""
+    left, right = seen[at - step], seen[at]
+    lost = right.costs.get(left.key) if left.key is not None else None
+    if left.key is not None and (lost is None or not lost[2]):
+        cause = "memory"
+    elif right.key is not None and right.cost[0] < lost[0]:
+        cause = "time"
+    else:
+        cause = "plan"
+    return Breakpoint(at, cause, lost, right.cost)

@@ -1,0 +1,115 @@
+"""A symbolic capture at one point: the concrete ``ModelGraph`` a capture at (B, S) would give, without tracing.
+
+    >>> from examples.zoo import build
+    >>> from planner.capture import capture_symbolic
+    >>> at = Specializer(capture_symbolic(*build("gpt-tiny", batch=2, seq=8), name="gpt-tiny"))
+    >>> mg = at(4, 16)
+    >>> mg.batch_size, mg.seq_len, next(mg.nodes()).meta["autopar"].shape
+    (4, 16, (4, 16, 64))
+
+Range planning (``search.range``) searches many points of one model; tracing it again at each point
+(torch.export: seconds) is what the symbolic capture avoids. :class:`Specializer` compiles every
+expression of the symbolic graph once — the ``NodeInfo`` facts and shapes, the saved-activation census
+(``search.saved``), the sizes and strides of every traced value — into one function
+(:func:`search.symbolic.evaluator`, exact integers), and each call copies the graph with those values
+substituted: meta tensors of the point's sizes, ``NodeInfo`` of ints, the shape arithmetic of the
+symbolic graph (``sym_size``) replaced by its value. The concrete search then runs on the copy as on a
+capture at that point (``tests/test_range.py`` checks both give the same plan).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.utils._pytree import tree_map
+
+from search.graph import ModelGraph, expression
+from search.saved import Census
+from search.symbolic import FACTS, B, S, evaluator
+
+
+class Specializer:
+    """``Specializer(mg)(b, s)`` -> ``mg`` at batch ``b`` and sequence ``s`` (``mg`` from ``capture_symbolic``)."""
+
+    def __init__(self, mg: ModelGraph):
+        self.mg = mg
+        symbols = mg.gm.meta["symbols"]
+        exprs: dict[sympy.Expr, int] = {}
+
+        def index(value) -> int:
+            e = expression(value, symbols) if isinstance(value, torch.SymInt) else sympy.sympify(value)
+            return exprs.setdefault(e, len(exprs))
+
+        self._vals: dict[str, object] = {}     # node -> its val with every size an index
+        self._infos: dict[str, dict] = {}      # node -> NodeInfo field -> index (or tuple of indices)
+        self._saved: dict[str, int] = {}
+        for node in mg.gm.graph.nodes:
+            self._vals[node.name] = tree_map(lambda v: _Indexed.of(v, index), node.meta.get("val"))
+            if "autopar" in node.meta:
+                info = node.meta["autopar"]
+                fields = {f: index(getattr(info, f)) for f in FACTS if f != "output_bytes"}
+                fields["output_bytes"] = index(info.output_bytes)
+                if info.shape is not None:
+                    fields["shape"] = tuple(index(d) for d in info.shape)
+                self._infos[node.name] = fields
+            if "saved_bytes" in node.meta:
+                self._saved[node.name] = index(node.meta["saved_bytes"])
+        census = mg.gm.meta.get("saved_census")
+        self._census = census and (census, {k: index(v) for k, v in census.nbytes.items()})
+        self._values = evaluator(list(exprs))
+
+    def __call__(self, b: int, s: int) -> ModelGraph:
+        v = self._values(b, s) if self.mg.seq_len == S else self._values(b, self.mg.seq_len)
+        graph = fx.Graph()
+        out = graph.graph_copy(self.mg.gm.graph, {})
+        graph.output(out)
+        for node in list(graph.nodes):
+            val = tree_map(lambda x: x.value(v) if isinstance(x, _Indexed) else x, self._vals[node.name])
+            if isinstance(val, int) and node.op == "call_function":  # shape arithmetic: a constant now
+                node.replace_all_uses_with(val)  # type: ignore[arg-type]
+                graph.erase_node(node)
+                continue
+            node.meta = dict(node.meta, val=val)
+            if node.name in self._infos:
+                node.meta["autopar"] = dataclasses.replace(node.meta["autopar"], **{
+                    f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[node.name].items()})
+            if node.name in self._saved:
+                node.meta["saved_bytes"] = v[self._saved[node.name]]
+        gm = _LazyGraphModule(self.mg.gm, graph)  # its Python code is generated only if it is ever run
+        gm.meta = {}
+        if self._census:
+            census, nbytes = self._census
+            gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
+                                             census.out_storage)
+        return dataclasses.replace(self.mg, gm=gm, batch_size=b if self.mg.batch_size == B else self.mg.batch_size,
+                                   seq_len=s if self.mg.seq_len == S else self.mg.seq_len,
+                                   warnings=list(self.mg.warnings))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Indexed:
+    """A traced value with its sizes as indices into the compiled expressions: a tensor (shape,
+    stride, dtype, requires_grad) or a size (``sym_size``)."""
+
+    shape: tuple | int
+    stride: tuple = ()
+    dtype: torch.dtype | None = None
+    requires_grad: bool = False
+
+    @classmethod
+    def of(cls, value, index):
+        if isinstance(value, torch.Tensor):
+            return cls(tuple(index(d) for d in value.shape), tuple(index(d) for d in value.stride()), value.dtype,
+                       value.requires_grad)
+        if isinstance(value, torch.SymInt):
+            return cls(index(value))
+        return value
+
+    def value(self, v: list[int]):
+        if self.dtype is None:
+            return v[self.shape]
+        return torch.empty_strided([v[i] for i in self.shape], [v[i] for i in self.stride], dtype=self.dtype,
+                                   device="meta", requires_grad=self.requires_grad)
