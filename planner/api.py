@@ -185,7 +185,7 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
                 piece_of[v] = i
     top = dict(first)
     top["range"] = {
-        "symbol": symbol, "lo": lo, "hi": hi, "step": step, "pieces": pieces,
+        "symbol": symbol, "lo": lo, "hi": hi, "step": step, "memory_limit_bytes": limit, "pieces": pieces,
         "breakpoints": [{"at": b.at, "cause": b.cause, "left": _cost_dict(b.left), "right": _cost_dict(b.right)}
                         for b in result.breakpoints],
         "samples": [{"at": v, "piece": piece_of[v],

@@ -256,12 +256,22 @@ def schedule_timeline(plan: Plan, path: str | Path, microbatches: int | None = N
     return bubble
 
 
+def _piece_label(p: dict) -> str:
+    """dp2 sp2 ulysses zero2 recompute full chunked: what tells one piece's plan from its neighbours."""
+    g, sp = p["degrees"], p["sequence_parallel"]
+    parts = [f"{k}{g[k]}" for k in ("pp", "dp", "sp", "tp") if g[k] != 1] or ["dp1"]
+    parts += [sp["variant"]] if sp else []
+    parts += [f"zero{g['zero']}"] if g["zero"] else []
+    parts += [f"recompute {p['recompute']}"] if p["recompute"] != "none" else []
+    return " ".join(parts + (["chunked"] if p["chunking"] else []))
+
+
 def range_chart(plan: Plan, path: str | Path) -> None:
     """A range plan's predicted step time and peak memory per device across S (or B), one colour per piece.
 
     Two panels sharing a log x-axis, drawn from ``range.samples``; breakpoints as dashed vertical lines,
-    pieces where nothing fits shaded, the memory limit (recorded case or built-in cluster) as a
-    horizontal line. PNG or SVG by the suffix of ``path``.
+    pieces where nothing fits shaded, the memory limit the range was planned for as a horizontal line.
+    PNG or SVG by the suffix of ``path``.
     """
     r = plan.range
     if r is None:
@@ -276,6 +286,8 @@ def range_chart(plan: Plan, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     sym, d = r["symbol"], plan.to_dict()
+    limit = r["memory_limit_bytes"]
+    unit, unit_name = (2**30, "GiB") if limit >= 2**30 else (2**20, "MiB")
     fig, (ax_t, ax_m) = plt.subplots(2, 1, sharex=True, figsize=(9, 6.4))
     for i, pc in enumerate(r["pieces"]):
         span = f"{sym} {pc['lo']}..{pc['hi']}"
@@ -283,25 +295,22 @@ def range_chart(plan: Plan, path: str | Path) -> None:
             for ax in (ax_t, ax_m):
                 ax.axvspan(pc["lo"], pc["hi"], color="0.9", label=f"{span}: no plan fits" if ax is ax_t else None)
             continue
-        g = pc["plan"]["degrees"]
-        label = f"{span}: " + (" ".join(f"{k}{g[k]}" for k in ("pp", "dp", "sp", "tp") if g[k] != 1) or "dp1")
+        label = f"{span}: {_piece_label(pc['plan'])}"
         pts = [s for s in r["samples"] if s["piece"] == i]
         color = f"C{i % 10}"
         ax_t.plot([s["at"] for s in pts], [s["step_time_s"] for s in pts], "o-", ms=3, color=color, label=label)
-        ax_m.plot([s["at"] for s in pts], [s["peak_memory_bytes"] / 2**30 for s in pts], "o-", ms=3, color=color)
+        ax_m.plot([s["at"] for s in pts], [s["peak_memory_bytes"] / unit for s in pts], "o-", ms=3, color=color)
     for b in r["breakpoints"]:
         for ax in (ax_t, ax_m):
             ax.axvline(b["at"], color="grey", linestyle="--", linewidth=1)
         ax_t.text(b["at"], 0.98, f" {b['at']} ({b['cause']})", transform=ax_t.get_xaxis_transform(), rotation=90,
                   va="top", ha="right", fontsize=7)
-    limit = _limit_gib(d)
-    if limit is not None:
-        ax_m.axhline(limit, color="black", linewidth=1, label=f"limit {limit:g} GiB")
-        ax_m.legend(fontsize=8, loc="upper left")
+    ax_m.axhline(limit / unit, color="black", linewidth=1, label=f"limit {limit / unit:.4g} {unit_name}")
+    ax_m.legend(fontsize=8, loc="upper left")
     ax_t.set_xscale("log")
     ax_t.set_yscale("log")
     ax_t.set_ylabel("step time, s (predicted)")
-    ax_m.set_ylabel("peak memory / device, GiB (predicted)")
+    ax_m.set_ylabel(f"peak memory / device, {unit_name} (predicted)")
     ax_m.set_xlabel("S (sequence length)" if sym == "S" else "B (global batch)")
     ax_t.set_title(f"{d['model']['name']} on {d['cluster']['devices']}× {d['cluster']['name']}: "
                    f"range over {sym} = {r['lo']}..{r['hi']}", fontsize=10)

@@ -72,7 +72,7 @@ FIX_CHOICE_KEYS = {"schedule": SCHEDULES, "recompute": RECOMPUTE, "attention": S
 FIX_KEYS = FIX_INT_KEYS + tuple(FIX_CHOICE_KEYS)
 ALT_KEYS = ("degrees", "zero", "microbatch_size", "recompute", "step_time_s", "peak_memory_bytes",
             "feasible", "why")
-RANGE_KEYS = ("symbol", "lo", "hi", "step", "pieces", "breakpoints", "samples")
+RANGE_KEYS = ("symbol", "lo", "hi", "step", "memory_limit_bytes", "pieces", "breakpoints", "samples")
 RANGE_SYMBOLS = {"S": ("seq_len", "--seq"), "B": ("global_batch", "--global-batch")}  # field, plan option
 RANGE_CAUSES = ("memory", "time", "plan")
 PIECE_KEYS = ("lo", "hi", "plan", "infeasible", "step_time_s", "peak_memory_bytes")
@@ -460,6 +460,8 @@ def _validate_range(r: Any) -> None:
     lo = V.int_(r["lo"], "range.lo", 1)
     hi = V.int_(r["hi"], "range.hi", lo)
     step = V.int_(r["step"], "range.step", 1)
+    if not V.num(r["memory_limit_bytes"], "range.memory_limit_bytes", 0) > 0:
+        V.fail("range.memory_limit_bytes", "must be > 0")
     if (hi - lo) % step:
         V.fail("range.step", f"{step} does not divide hi - lo = {hi - lo} (the values planned are lo + k * step)")
     pieces = V.list_(r["pieces"], "range.pieces")
@@ -1163,7 +1165,8 @@ def _print_range(con, r: dict) -> None:
     from rich.table import Table
 
     sym = r["symbol"]
-    t = Table(title=f"Range over {sym} = {r['lo']}..{r['hi']} (each piece's plan predicted at its low end)",
+    t = Table(title=f"Range over {sym} = {r['lo']}..{r['hi']} (grid {r['step']}, memory limit {_fmt_bytes(r['memory_limit_bytes'])}/device; "
+                    "each piece's plan predicted at its low end)",
               title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in (sym, "pp", "dp", "sp", "tp", "zero", "attention", "recompute", "chunks", "step", "peak mem"):
         t.add_column(col, justify="left" if col in (sym, "attention", "recompute") else "right")

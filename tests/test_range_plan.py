@@ -43,7 +43,7 @@ def range_dict() -> dict:
         samples.append({"at": at, "piece": i, "step_time_s": 1e-9 * at ** 1.5 + 0.123456789 if ok else None,
                         "peak_memory_bytes": 4096.0 * at + 1e9 if ok else None})
     return {**copy.deepcopy(a), "range": {
-        "symbol": "S", "lo": 2048, "hi": 1048576, "step": 2048, "pieces": pieces,
+        "symbol": "S", "lo": 2048, "hi": 1048576, "step": 2048, "memory_limit_bytes": 80 * 2**30, "pieces": pieces,
         "breakpoints": [
             {"at": 16384, "cause": "memory",
              "left": {"step_time_s": 0.61, "peak_memory_bytes": 79000000000, "feasible": True},
@@ -66,7 +66,7 @@ def test_round_trip_byte_identical_and_nested_canonical(plan):
     again = Plan.from_json(text)
     assert again == plan and again.to_json() == text
     d = json.loads(text)
-    assert list(d)[-1] == "range" and list(d["range"]) == ["symbol", "lo", "hi", "step", "pieces", "breakpoints", "samples"]
+    assert list(d)[-1] == "range" and list(d["range"]) == ["symbol", "lo", "hi", "step", "memory_limit_bytes", "pieces", "breakpoints", "samples"]
     assert d["range"]["samples"][0]["step_time_s"] == float(f"{1e-9 * 2048 ** 1.5 + 0.123456789:.6g}")
     # a piece's plan is canonical exactly like a top-level plan
     nested = d["range"]["pieces"][1]["plan"]
@@ -105,6 +105,7 @@ BAD = [
     ("range.extra", _set("extra", 1), "unknown key"),
     ("range.step", _set("step", 1000), "does not divide"),
     ("range.step", _set("step", 0), ">= 1"),
+    ("range.memory_limit_bytes", _set("memory_limit_bytes", 0), "must be > 0"),
     ("range.pieces[1].lo", _off_grid_boundary, "not on the grid"),
     ("range.pieces", _set("pieces", []), "must not be empty"),
     ("range.pieces[0].lo", _set("pieces.0.lo", 2049), "must be 2048"),
