@@ -150,7 +150,8 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
     """The piecewise plan over ``grid`` = (symbol, lo, hi, step): one symbolic capture, specialised and
     searched at the values ``search.range.plan_range`` asks for."""
     symbol, lo, hi, step = grid
-    mg = capture_symbolic(model, args, kwargs, name=name, seq_dims=(1,) if symbol == "S" else ())
+    mg = capture_symbolic(model, args, kwargs, name=name, batch_dim=0 if symbol == "B" else None,
+                          seq_dims=(1,) if symbol == "S" else ())
     at = Specializer(mg)
     example_batch, example_seq = example_sizes(args, kwargs)
     limit = options["memory_limit"] if options["memory_limit"] is not None else cl.memory_bytes
@@ -164,7 +165,7 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
             return Outcome(None, costs=_costs(cands, limit), reason=why)
         plans[v] = plan
         decision = json.dumps({k: plan[k] for k in _DECISION} | {"sp": _sp_decision(plan)}, sort_keys=True)
-        return Outcome(decision, _config(cands[0]), _costs(cands, limit))
+        return Outcome(decision, _variant(cands[0]), _costs(cands, limit), family=_config(cands[0]))
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
     pieces = []
@@ -229,19 +230,27 @@ def _default_step(lo: int, hi: int) -> int:
 
 
 def _config(c: Candidate) -> tuple:
-    """What makes two candidates one configuration across values of a range: the key, the attention
-    variant and the chunked regions."""
-    return (*c.key(), c.sp.variant if c.sp is not None else "none",
-            tuple((r["kind"], r["scope"], r["chunks"]) for r in c.chunking))
+    """What makes two candidates one configuration across values of a range: the key (degrees, ZeRO,
+    microbatch, recompute, schedule) and the chunked regions. The attention variant is the mesh's
+    fastest at each value, so it is not part of it."""
+    return (*c.key(), tuple((r["kind"], r["scope"], r["chunks"]) for r in c.chunking))
+
+
+def _variant(c: Candidate) -> tuple:
+    """``_config`` with the attention variant (and its inner degree): the range search's finer key."""
+    return _config(c) + ((c.sp.variant, c.sp.inner) if c.sp is not None else ())
 
 
 def _costs(cands: list[Candidate], limit: float) -> dict:
-    """Configuration -> (step time, peak memory, fits) of every candidate; a chunked one also gives its
-    configuration without chunking (what it costs and whether it fits), so the range search sees
-    memory cross the limit where chunking sets in."""
+    """Configuration -> (step time, peak memory, fits) of every candidate, also per attention variant
+    priced for its mesh; a chunked one also gives its configuration without chunking (what it costs
+    and whether it fits), so the range search sees memory cross the limit where chunking sets in."""
     out = {}
     for c in cands:
         out.setdefault(_config(c), (c.step_time_s, c.peak_memory, c.feasible))
+        for ch, exposed, _ in c.sp_options:
+            t = c.step_time_s - c.breakdown["sp_attention"] + exposed * c.microbatches
+            out.setdefault(_config(c) + (ch.variant, ch.inner), (t, c.peak_memory, c.feasible))
         if c.chunking:
             bare = c.peak_memory + c.chunk_freed
             out.setdefault(_config(c)[:-1] + ((),), (c.step_time_s - c.breakdown["chunk_recompute"], bare,

@@ -57,12 +57,13 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
 
 
 def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, name: str = "model",
-                     batch_dim: int = 0, seq_dims: tuple[int, ...] = (1,)) -> ModelGraph:
+                     batch_dim: int | None = 0, seq_dims: tuple[int, ...] = (1,)) -> ModelGraph:
     """:func:`capture` with the batch and sequence sizes as the symbols ``search.symbolic.B`` and ``S``.
 
     Dimension ``batch_dim`` of every top-level tensor argument is the batch B, dimensions ``seq_dims``
     (those it has) are the sequence S: ``seq_dims=(1, 2)`` for an Evoformer pair tensor [B, N, N, C],
-    ``seq_dims=()`` to keep the sequence concrete. The example sizes must agree across arguments and be
+    ``seq_dims=()`` to keep the sequence concrete, ``batch_dim=None`` to keep the batch concrete (fewer
+    symbols trace faster: a range over S needs only S). The example sizes must agree across arguments and be
     at least 2 (torch.export specialises sizes 0 and 1). Facts and shapes in ``NodeInfo`` are sympy
     expressions in B and S (integer, positive), and so are the saved-activation bytes of
     ``search.saved`` (``node.meta["saved_bytes"]``); ``mg.batch_size``/``mg.seq_len`` are the symbols.
@@ -82,8 +83,8 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     for node in gm.graph.find_nodes(op="placeholder"):  # target: the forward argument's name
         for d, sym in marked.get(node.target, {}).items():
             symbols[node.meta["val"].shape[d].node.expr] = SYMBOLS[sym]
-    seq = SYMBOLS["S"] if seq_dims else example_sizes(args, kwargs)[1]
-    mg = _model_graph(gm, name, SYMBOLS["B"], seq)
+    batch, seq = example_sizes(args, kwargs)
+    mg = _model_graph(gm, name, SYMBOLS["B"] if batch_dim is not None else batch, SYMBOLS["S"] if seq_dims else seq)
     annotate(gm, number=lambda v: expression(v, symbols))
     for node in mg.nodes():
         info = node.meta["autopar"]
@@ -105,16 +106,21 @@ def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArg
         raise BadInput(f"the example inputs do not match {type(model).__name__}.forward: {exc}") from None
 
 
-def _marked_dims(bound: inspect.BoundArguments, batch_dim: int, seq_dims: tuple[int, ...]) -> dict[str, dict[int, str]]:
+def _marked_dims(bound: inspect.BoundArguments, batch_dim: int | None,
+                 seq_dims: tuple[int, ...]) -> dict[str, dict[int, str]]:
     """Argument name -> {dim: "B" | "S"} for every top-level tensor argument; sizes checked."""
-    if batch_dim in seq_dims:
+    if batch_dim is not None and batch_dim in seq_dims:
         raise BadInput(f"batch_dim {batch_dim} is also in seq_dims {seq_dims}")
+    pairs = ([(batch_dim, "B")] if batch_dim is not None else []) + [(d, "S") for d in seq_dims]
+    if not pairs:
+        raise BadInput("capture_symbolic needs a batch_dim or seq_dims to make symbolic")
+    first_dim = min(d for d, _ in pairs)
     marked: dict[str, dict[int, str]] = {}
     sizes: dict[str, tuple[str, int, int]] = {}  # "B"/"S" -> (argument, dim, example size) of its first use
     for arg, value in bound.arguments.items():
-        if not isinstance(value, torch.Tensor) or value.dim() <= batch_dim:
+        if not isinstance(value, torch.Tensor) or value.dim() <= first_dim:
             continue
-        marked[arg] = {d: sym for d, sym in [(batch_dim, "B")] + [(d, "S") for d in seq_dims] if d < value.dim()}
+        marked[arg] = {d: sym for d, sym in pairs if d < value.dim()}
         for d, sym in marked[arg].items():
             size = int(value.shape[d])
             first = sizes.setdefault(sym, (arg, d, size))
@@ -125,7 +131,7 @@ def _marked_dims(bound: inspect.BoundArguments, batch_dim: int, seq_dims: tuple[
                 raise BadInput(f"{sym} is {size} in dim {d} of {arg!r}: export fixes sizes 0 and 1, so capture "
                                "symbolically from example inputs with batch and sequence of at least 2")
     if not marked:
-        raise BadInput(f"no tensor argument has dim {batch_dim} to make the batch symbolic")
+        raise BadInput(f"no tensor argument has dim {first_dim} to make symbolic")
     return marked
 
 

@@ -37,16 +37,24 @@ PROBE_RATIO = 2
 class Outcome:
     """The search at one value: the winner's ``decision`` (hashable: equal decisions are one plan,
     ``None`` when nothing fits), its configuration ``key`` and every configuration's (step time s, peak
-    memory bytes, fits) in ``costs``."""
+    memory bytes, fits) in ``costs`` (configurations may be priced at two levels of detail, e.g. one
+    attention variant and the mesh's best: ``family``)."""
 
     decision: object
     key: object = None
     costs: dict = field(default_factory=dict)
     reason: str = ""                             # why nothing fits (decision None)
+    family: object = None                        # a coarser configuration of ``key`` (its best variant)
 
     @property
     def cost(self) -> tuple[float, float, bool] | None:
         return self.costs.get(self.key)
+
+    def price(self, other: "Outcome") -> tuple[float, float, bool] | None:
+        """``other``'s winning configuration priced here: its own key, else its family's best."""
+        if other.key is None:
+            return None
+        return self.costs.get(other.key) or self.costs.get(other.family)
 
 
 @dataclass
@@ -84,20 +92,22 @@ def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, li
             seen[v] = search(v)
         return seen[v]
 
-    for v in _probes(lo, hi, step):
+    probes = _probes(lo, hi, step)
+    for v in probes:
         at(v)
-    failed = 0  # guesses since a boundary last closed: every second one bisects, so the loop is O(log)
+    misses: dict[int, int] = {}  # per probe interval, guesses that did not close a boundary: every second bisects
     while True:
         values = sorted(seen)
         open_ = [(x, y) for x, y in zip(values, values[1:]) if y - x > step and seen[x].decision != seen[y].decision]
         if not open_:
             break
         x, y = open_[0]
-        g = _guess(seen, x, y, step, limit, bisect=failed % 2 == 1)
+        origin = max(p for p in probes if p <= x)
+        g = _guess(seen, x, y, step, limit, bisect=misses.get(origin, 0) % 2 == 1)
         if at(g).decision == seen[y].decision and g - step > x:
             at(g - step)  # the other side of the root: closes the boundary when the root was right
         closed = g - step in seen and seen[g - step].decision == seen[x].decision and seen[g].decision == seen[y].decision
-        failed = 0 if closed else failed + 1
+        misses[origin] = 0 if closed else misses.get(origin, 0) + 1
     values = sorted(seen)
     starts = [values[0]] + [y for x, y in zip(values, values[1:]) if seen[x].decision != seen[y].decision]
     ends = [s - step for s in starts[1:]] + [hi]
@@ -127,12 +137,12 @@ def _guess(seen: dict[int, Outcome], x: int, y: int, step: int, limit: float, bi
     are polynomials of low degree in the varying symbol, so the line tightens as the bracket shrinks);
     the midpoint when ``bisect`` or when the values do not bracket a root."""
     fx = fy = None
-    p, q = seen[x].key, seen[y].key
-    px, py = seen[x].costs.get(p), seen[y].costs.get(p)
+    left, right = seen[x], seen[y]
+    px, py = left.cost, right.price(left)
     if not bisect and px and py and px[2]:
         if not py[2]:  # P stops fitting: memory(v) - limit crosses zero
             fx, fy = px[1] - limit, py[1] - limit
-        elif (qx := seen[x].costs.get(q)) and (qy := seen[y].costs.get(q)) and qx[2] and qy[2]:
+        elif (qx := left.price(right)) and (qy := right.cost) and qx[2] and qy[2]:
             fx, fy = px[0] - qx[0], py[0] - qy[0]  # Q gets faster than P
     root = x + (y - x) * fx / (fx - fy) if fx is not None and fx <= 0 < fy else (x + y) / 2
     return min(max(x + math.ceil((root - x) / step) * step, x + step), y)
@@ -159,7 +169,7 @@ def _breakpoint(seen: dict[int, Outcome], at: int, step: int) -> Breakpoint:
     """Why the winner changes at ``at``: both plans priced there (the left one no longer fits, or is
     slower, or the difference is inside the configuration: ILP picks, stages)."""
     left, right = seen[at - step], seen[at]
-    lost = right.costs.get(left.key) if left.key is not None else None
+    lost = right.price(left)
     if left.key is not None and (lost is None or not lost[2]):
         cause = "memory"
     elif right.key is not None and right.cost[0] < lost[0]:

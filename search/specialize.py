@@ -62,7 +62,10 @@ class Specializer:
         self._values = evaluator(list(exprs))
 
     def __call__(self, b: int, s: int) -> ModelGraph:
-        v = self._values(b, s) if self.mg.seq_len == S else self._values(b, self.mg.seq_len)
+        """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete)."""
+        b = b if self.mg.batch_size == B else self.mg.batch_size
+        s = s if self.mg.seq_len == S else self.mg.seq_len
+        v = self._values(b, s)
         graph = fx.Graph()
         out = graph.graph_copy(self.mg.gm.graph, {})
         graph.output(out)
@@ -84,9 +87,7 @@ class Specializer:
             census, nbytes = self._census
             gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
                                              census.out_storage)
-        return dataclasses.replace(self.mg, gm=gm, batch_size=b if self.mg.batch_size == B else self.mg.batch_size,
-                                   seq_len=s if self.mg.seq_len == S else self.mg.seq_len,
-                                   warnings=list(self.mg.warnings))
+        return dataclasses.replace(self.mg, gm=gm, batch_size=b, seq_len=s, warnings=list(self.mg.warnings))
 
 
 @dataclasses.dataclass(frozen=True)
