@@ -1179,7 +1179,7 @@ def _print_range(con, r: dict) -> None:
         t.add_row(f"{pc['lo']}..{pc['hi']}", *(str(g[k]) for k in ("pp", "dp", "sp", "tp", "zero")),
                   _sp_name(sp["variant"], sp["inner"], sp["degree"]) if sp else "-",
                   rc if isinstance(rc, str) else _short(rc, 30), str(len(p["chunking"])),
-                  f"{p['predicted']['step_time_s'] * 1e3:.3f} ms", _fmt_bytes(p["predicted"]["peak_memory_bytes"]))
+                  _fmt_secs(p["predicted"]["step_time_s"]), _fmt_bytes(p["predicted"]["peak_memory_bytes"]))
     con.print(t)
     for pc in r["pieces"]:
         if pc["plan"] is None:
@@ -1190,10 +1190,15 @@ def _print_range(con, r: dict) -> None:
         for col in (sym, "cause", "left step", "left peak", "fits", "right step", "right peak", "fits"):
             bt.add_column(col, justify="left" if col == "cause" else "right")
         for b in r["breakpoints"]:
-            sides = [(_fmt_num(None) if s["step_time_s"] is None else f"{s['step_time_s'] * 1e3:.3f} ms",
+            sides = [(_fmt_num(None) if s["step_time_s"] is None else _fmt_secs(s["step_time_s"]),
                       _fmt_bytes(s["peak_memory_bytes"]), _fmt_num(s["feasible"])) for s in (b["left"], b["right"])]
             bt.add_row(str(b["at"]), b["cause"], *sides[0], *sides[1])
         con.print(bt)
+
+
+def _fmt_secs(x: float) -> str:
+    """Five significant digits (a breakpoint's two plans can differ in the fourth): "0.14512 ms", "1895.2 s"."""
+    return f"{x * 1e3:.5g} ms" if x < 1 else f"{x:.5g} s"
 
 
 def _sp_name(variant: str, inner: int, degree: int) -> str:

@@ -203,7 +203,7 @@ def test_explain_has_range_tables(plan):
     assert text.index("autopar plan:") < text.index("Range over S = 2048..1048576")
     lines = text.splitlines()
     row0 = next(line for line in lines if line.lstrip().startswith("2048..16383"))
-    assert row0.split()[1:6] == ["1", "2", "1", "4", "2"] and "7175.480 ms" in row0 and "44.02 GiB" in row0
+    assert row0.split()[1:6] == ["1", "2", "1", "4", "2"] and "7.1755 s" in row0 and "44.02 GiB" in row0
     row1 = next(line for line in lines if line.lstrip().startswith("16384..262143"))
     assert "ring" in row1 and "29.375 ms" in row1
     row2 = next(line for line in lines if line.lstrip().startswith("262144..1048576"))
@@ -211,7 +211,7 @@ def test_explain_has_range_tables(plan):
     assert f"S = 262144..1048576: {REASON}" in text
     assert "breakpoints" in text
     bp = next(line for line in lines if line.lstrip().startswith("16384 ") and "memory" in line)
-    assert "610.000 ms" in bp and "620.000 ms" in bp and bp.count("yes") == 2
+    assert "610 ms" in bp and "620 ms" in bp and bp.count("yes") == 2
     bp2 = next(line for line in lines if line.lstrip().startswith("262144 ") and "memory" in line)
     assert "80.09 GiB" in bp2 and bp2.count("no") == 2
     assert "Range over" not in Plan.from_dict(_point("gpt2-small_h100_8_s8192_mem3.json", 8192)).explain()
