@@ -168,22 +168,14 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
         return Outcome(decision, _variant(cands[0]), _costs(cands, limit), family=_config(cands[0]))
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
-    pieces = []
-    for p in result.pieces:
-        pieces.append({"lo": p.lo, "hi": p.hi if p is not result.pieces[-1] else hi, "plan": plans.get(p.lo),
-                       "infeasible": p.outcome.reason if p.outcome.decision is None else "",
-                       "step_time_s": str(p.step_time) if p.step_time is not None else "",
-                       "peak_memory_bytes": str(p.memory) if p.memory is not None else ""})
-    for i in range(len(pieces) - 1):
-        pieces[i]["hi"] = pieces[i + 1]["lo"] - 1  # values between grid points: the piece on their left
+    pieces = [{"lo": p.lo, "hi": p.hi, "plan": plans.get(p.lo),
+               "infeasible": p.outcome.reason if p.outcome.decision is None else "",
+               "step_time_s": str(p.step_time) if p.step_time is not None else "",
+               "peak_memory_bytes": str(p.memory) if p.memory is not None else ""} for p in result.pieces]
     first = next((p["plan"] for p in pieces if p["plan"] is not None), None)
     if first is None:
         raise Infeasible(f"no plan fits anywhere in {symbol} = {lo}..{hi}: at {lo}: {pieces[0]['infeasible']}")
-    piece_of = {}
-    for i, p in enumerate(result.pieces):
-        for v in result.evaluated:
-            if p.lo <= v <= p.hi:
-                piece_of[v] = i
+    piece_of = {v: i for i, p in enumerate(result.pieces) for v in result.evaluated if p.lo <= v <= p.hi}
     top = dict(first)
     top["range"] = {
         "symbol": symbol, "lo": lo, "hi": hi, "step": step, "memory_limit_bytes": limit, "pieces": pieces,

@@ -14,7 +14,7 @@ assumed (an upper bound; DESIGN §4 formulas in ``search.cost``).
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import lru_cache, partial
+from functools import cache, lru_cache, partial
 from typing import Callable
 
 from search import cost
@@ -95,7 +95,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
     folding = folding if folding is not None else fold(mg)
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
-    regions = chunk_regions(mg, folding)
+    regions = cache(partial(chunk_regions, mg, folding))  # probed only if some candidate's memory binds
     spaces: dict[int, Space] = {}
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
@@ -205,7 +205,7 @@ def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[
 def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
                 select, regions) -> list[Candidate]:
     """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``;
-    ``regions``: the chunkable regions, used when memory binds)."""
+    ``regions()``: the chunkable regions, used when memory binds)."""
     local = global_batch // dp
     out, cache, msp = [], {}, space.megatron_sp
     tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
@@ -269,7 +269,8 @@ def _graph_dtype(mg: ModelGraph) -> str:
     return "fp32" if not dtypes or "float32" in dtypes else normalize_dtype(dtypes[0])
 
 
-def _chunked(c: Candidate, regions: list[ChunkRegion], cl: Cluster, dtype: str, limit: float) -> Candidate:
+def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster, dtype: str,
+             limit: float) -> Candidate:
     """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
     ``search.chunking.select`` chunks region kinds, all instances at once, best bytes freed per second of
     recompute and kernel launches (the cluster's ``kernel_launch_s``) first, each with the fewest chunks
@@ -277,11 +278,11 @@ def _chunked(c: Candidate, regions: list[ChunkRegion], cl: Cluster, dtype: str, 
     transient cut), floored so that activations stay >= 0 (``search.space`` does not count what ops
     save internally or the backward transient: its activations can be below the drop)."""
     need = c.peak_memory - limit
-    if need <= 0 or c.recompute != "none" or not regions or not c.memory:
+    if need <= 0 or c.recompute != "none" or not c.memory or not regions():
         return c
     per_sample, share = c.chunk_scales
     # the sequence-parallel kernel replaces the attention; block regions run tp-sharded (approx.)
-    usable = [r for r in regions if not (r.kind == "attention" and c.sp_degree > 1)]
+    usable = [r for r in regions() if not (r.kind == "attention" and c.sp_degree > 1)]
 
     def div(r):
         return c.tp if r.template is not None and c.tp > 1 else 1

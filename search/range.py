@@ -1,6 +1,6 @@
 """Piecewise plans: which plan wins where over a range of the sequence length S (or global batch B).
 
-``plan_range(search, lo, hi, step)`` takes ``search(v) -> Outcome`` — the full concrete search at one
+``plan_range(search, lo, hi, step, limit, symbol)`` takes ``search(v) -> Outcome`` — the full search at one
 value (the planner runs it on ``search.specialize``: the symbolic capture evaluated at that point, no
 tracing) — and returns the pieces of the grid ``lo, lo + step, ..., hi`` on which one plan wins, with
 every breakpoint exact on the grid:
@@ -11,7 +11,8 @@ every breakpoint exact on the grid:
    (every search prices every configuration, so both are known at both ends). For one configuration
    they are polynomials of low degree in the varying symbol (FLOPs, bytes and saved activations of
    the capture are: ``search.symbolic``; attention is the S² term) while its inner choices stay put,
-   so the root of the line through the two ends (regula falsi) closes in quickly.
+   so the root of the line through the two ends (regula falsi) closes in quickly; a kink (an attention
+   variant's exposed communication reaching zero, say) makes it bisect.
 3. **Confirm** by evaluating the first grid value past the root and the one before it: the
    breakpoint is exact when they give Q and P. Otherwise the new value splits the interval and
    step 2 repeats on the part whose ends still differ (every second guess bisects: O(log) at worst),
@@ -68,7 +69,7 @@ class Breakpoint:
 @dataclass
 class Piece:
     lo: int
-    hi: int
+    hi: int                      # the next piece's lo - 1: off-grid values belong to the piece on their left
     outcome: Outcome             # at lo
     step_time: sympy.Expr | None = None   # of the varying symbol, where interpolation was confirmed
     memory: sympy.Expr | None = None
@@ -110,7 +111,7 @@ def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, li
         misses[origin] = 0 if closed else misses.get(origin, 0) + 1
     values = sorted(seen)
     starts = [values[0]] + [y for x, y in zip(values, values[1:]) if seen[x].decision != seen[y].decision]
-    ends = [s - step for s in starts[1:]] + [hi]
+    ends = [s - 1 for s in starts[1:]] + [hi]  # values between grid points belong to the piece on their left
     pieces = [Piece(s, e, seen[s]) for s, e in zip(starts, ends)]
     for p in pieces:
         p.step_time, p.memory = _expressions(seen, p, symbol)
@@ -153,7 +154,7 @@ def _expressions(seen: dict[int, Outcome], piece: Piece, symbol: sympy.Symbol):
     through three of its evaluated values and confirmed at every other one (relative 1e-6); None
     where that does not hold or fewer than four values were evaluated in the piece."""
     key = piece.outcome.key
-    inside = [u for u in seen if piece.lo <= u <= piece.hi and seen[u].costs.get(key)]
+    inside = sorted(u for u in seen if piece.lo <= u <= piece.hi and seen[u].costs.get(key))
     if key is None or len(inside) < 4:
         return None, None
     out = []
