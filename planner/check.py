@@ -21,12 +21,16 @@ from search.errors import BadInput, Infeasible
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 
 
-def make_case(model: str, *, cluster: str = "a100-80g", devices: int | None = None, global_batch: int | None = None,
-              seq: int | None = None, dtype: str = "bf16", memory_limit_gib: float | None = None,
+def make_case(model: str, *, cluster: str = "a100-80g", devices: int | None = None, global_batch=None,
+              seq=None, dtype: str = "bf16", memory_limit_gib: float | None = None,
               fix: dict | None = None) -> dict:
-    """The ``case`` object a plan records (same meaning as the ``autopar plan`` options)."""
-    return {"model": model, "cluster": cluster, "devices": devices, "global_batch": global_batch, "seq": seq,
-            "dtype": dtype, "memory_limit_gib": memory_limit_gib, "fix": dict(fix or {})}
+    """The ``case`` object a plan records (same meaning as the ``autopar plan`` options; a range is
+    recorded as the list [lo, hi] or [lo, hi, step])."""
+    def value(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    return {"model": model, "cluster": cluster, "devices": devices, "global_batch": value(global_batch),
+            "seq": value(seq), "dtype": dtype, "memory_limit_gib": memory_limit_gib, "fix": dict(fix or {})}
 
 
 def with_case(plan: Plan, case: dict) -> Plan:
@@ -41,8 +45,11 @@ def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True) -
     from planner.api import make_plan_from_spec
 
     case = {**case, "fix": {**case["fix"], **(extra_fix or {})}}
+    def value(v):  # a recorded range (JSON list) is a tuple for the planner
+        return tuple(v) if isinstance(v, list) else v
+
     plan = make_plan_from_spec(case["model"], cluster=case["cluster"], devices=case["devices"],
-                               global_batch=case["global_batch"], seq_len=case["seq"], dtype=case["dtype"],
+                               global_batch=value(case["global_batch"]), seq_len=value(case["seq"]), dtype=case["dtype"],
                                memory_limit_gib=case["memory_limit_gib"], fix=case["fix"], fold=fold)
     return with_case(plan, case)
 

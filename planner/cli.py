@@ -187,8 +187,6 @@ def _cmd_plan(args) -> int:
     for name in ("devices", "global_batch", "seq"):
         v = getattr(args, name)
         if isinstance(v, tuple):
-            if args.record_case:
-                raise BadInput("--record-case records point plans; drop it or plan one value of the range")
             continue
         if v is not None and v < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 1, got {v}")

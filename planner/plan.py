@@ -566,8 +566,14 @@ def _validate_case(c: Any) -> None:
         V.fail(f"case.{extra[0]}", f"unknown key (known: {', '.join(CASE_KEYS)})")
     V.str_(c["model"], "case.model")
     V.str_(c["cluster"], "case.cluster")
-    for k in ("devices", "global_batch", "seq"):
-        if c[k] is not None:
+    V.int_(c["devices"], "case.devices", 1) if c["devices"] is not None else None
+    for k in ("global_batch", "seq"):  # an int, or a range [lo, hi] / [lo, hi, step] (a piecewise plan)
+        if isinstance(c[k], list):
+            if len(c[k]) not in (2, 3):
+                V.fail(f"case.{k}", f"a range is [lo, hi] or [lo, hi, step], got {len(c[k])} numbers")
+            for i, v in enumerate(c[k]):
+                V.int_(v, f"case.{k}[{i}]", 1)
+        elif c[k] is not None:
             V.int_(c[k], f"case.{k}", 1)
     V.str_(c["dtype"], "case.dtype", ("bf16", "fp16", "fp32"))
     if c["memory_limit_gib"] is not None and not (_is_num(c["memory_limit_gib"]) and c["memory_limit_gib"] > 0):
@@ -790,8 +796,11 @@ def case_command(case: dict) -> str:
     args = [case["model"], "--cluster", case["cluster"]]
     for key, opt in (("devices", "--devices"), ("global_batch", "--global-batch"), ("seq", "--seq"),
                      ("memory_limit_gib", "--memory-limit")):
-        if case[key] is not None:
-            args += [opt, f"{case[key]:g}" if isinstance(case[key], float) else str(case[key])]
+        v = case[key]
+        if isinstance(v, list):  # a range: LO..HI[:STEP]
+            args += [opt, f"{v[0]}..{v[1]}" + (f":{v[2]}" if len(v) == 3 else "")]
+        elif v is not None:
+            args += [opt, f"{v:g}" if isinstance(v, float) else str(v)]
     args += ["--dtype", case["dtype"]]
     if case["fix"]:
         args += ["--fix", ",".join(f"{k}={v}" for k, v in case["fix"].items())]
@@ -1126,6 +1135,9 @@ class Plan:
         for k in ("dtype", "global_batch", "seq_len"):
             if a[k] != b[k]:
                 out.append(f"{k}: {a[k]} -> {b[k]}")
+        ra, rb = a.get("range"), b.get("range")
+        if ra != rb:
+            out.append(f"range pieces: {_range_summary(ra)} -> {_range_summary(rb)}")
         if a["model"] != b["model"]:
             out.append(f"model: {a['model']['name']} -> {b['model']['name']}")
         if a["cluster"] != b["cluster"]:
@@ -1194,6 +1206,16 @@ def _print_range(con, r: dict) -> None:
                       _fmt_bytes(s["peak_memory_bytes"]), _fmt_num(s["feasible"])) for s in (b["left"], b["right"])]
             bt.add_row(str(b["at"]), b["cause"], *sides[0], *sides[1])
         con.print(bt)
+
+
+def _range_summary(r: dict | None) -> str:
+    """"16..1455 dp2 | 1456..2048 dp1 sp2": each piece's interval and degrees (or "point plan")."""
+    if r is None:
+        return "point plan"
+    def degrees(p):
+        return "no plan" if p is None else " ".join(f"{k}{v}" for k, v in p["degrees"].items() if k != "zero" and v > 1) \
+            or "dp1"
+    return " | ".join(f"{pc['lo']}..{pc['hi']} {degrees(pc['plan'])}" for pc in r["pieces"])
 
 
 def _fmt_secs(x: float) -> str:

@@ -50,7 +50,8 @@ def test_golden_matrix_covers_every_strategy_family():
         seen |= {f"attention={d['sequence_parallel']['variant']}"} if g["sp"] > 1 else set()
         seen |= {"megatron_sp"} if d["megatron_sp"] else set()
         seen |= {"chunking"} if d["chunking"] else set()
-    want = {"dp", "tp", "pp", "microbatches", "zero=0", "zero=1", "zero=2", "zero=3", "recompute=none",
+        seen |= {"range"} if d.get("range") else set()
+    want = {"range", "dp", "tp", "pp", "microbatches", "zero=0", "zero=1", "zero=2", "zero=3", "recompute=none",
             "recompute=full", "recompute=selective", "cluster=a100-80g", "cluster=h100-80g", "attention=ring",
             "attention=ring2d", "attention=usp", "megatron_sp", "chunking"}
     assert want <= seen, f"no golden case chooses {sorted(want - seen)}; add one with " \

@@ -127,6 +127,19 @@ def test_range_json_is_byte_identical_across_runs_and_processes(ranged):
     assert cli.stdout == ranged.to_json()
 
 
+def test_recorded_range_case_replans_and_diffs(ranged):
+    """A range case records its range (a list), re-plans to the same bytes, and a changed range is named."""
+    from planner.check import make_case, plan_case, with_case
+
+    case = make_case("gpt-tiny", cluster="a100-80g", devices=2, global_batch=2, seq=(16, 2048),
+                     memory_limit_gib=SPEC["memory_limit_gib"])
+    recorded = with_case(ranged, case)
+    assert recorded.to_dict()["case"]["seq"] == [16, 2048]
+    assert plan_case(recorded.to_dict()["case"]).to_json() == recorded.to_json()
+    lines = recorded.diff(with_case(ranged.piece_for(16), case))
+    assert any(line.startswith("range pieces: 16..") and " | " in line and line.endswith("-> point plan") for line in lines)
+
+
 def test_batch_range_equals_fresh_plans():
     """--global-batch LO..HI: the batch is the symbol; each piece is the fresh plan at that batch."""
     model, args, kwargs = build("gpt-tiny", batch=2, seq=64)
@@ -146,7 +159,6 @@ def test_batch_range_equals_fresh_plans():
     (["--seq", "1..64"], "start at 2 or more"),
     (["--seq", "16..x"], "LO..HI or LO..HI:STEP"),
     (["--seq", "16..64", "--global-batch", "2..8"], "not both at once"),
-    (["--seq", "16..64", "--record-case"], "--record-case records point plans"),
 ])
 def test_bad_ranges_are_bad_input(argv, needle, capsys):
     code = main(["plan", "gpt-tiny", "--devices", "2", *argv])
