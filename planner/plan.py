@@ -566,7 +566,8 @@ def _validate_case(c: Any) -> None:
         V.fail(f"case.{extra[0]}", f"unknown key (known: {', '.join(CASE_KEYS)})")
     V.str_(c["model"], "case.model")
     V.str_(c["cluster"], "case.cluster")
-    V.int_(c["devices"], "case.devices", 1) if c["devices"] is not None else None
+    if c["devices"] is not None:
+        V.int_(c["devices"], "case.devices", 1)
     for k in ("global_batch", "seq"):  # an int, or a range [lo, hi] / [lo, hi, step] (a piecewise plan)
         if isinstance(c[k], list):
             if len(c[k]) not in (2, 3):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,11 @@ def test_cli_explain_range_chart(plan, tmp_path, capsys):
     path.write_text(json.dumps(bad))
     assert main(["explain", str(path)]) == 2
     assert "range.breakpoints[0].at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seq,needle", [([16], "a range is [lo, hi]"), ([16, "x"], "case.seq[1]"), ([0, 64], ">= 1")])
+def test_recorded_range_case_is_validated(seq, needle):
+    d = json.loads((GOLDEN / "gpt-tiny_a100_8.json").read_text())
+    d["case"]["seq"] = seq
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        Plan.from_dict(d)
