@@ -29,17 +29,9 @@ from rich.table import Table  # noqa: E402
 
 from planner.api import make_plan_from_spec  # noqa: E402
 from planner.cli import _int_or_range  # noqa: E402
+from planner.plan import decision  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "range.json"
-DECISION = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
-
-
-def _decision(d: dict) -> str:
-    sp = d["sequence_parallel"]
-    return json.dumps({**{k: d[k] for k in DECISION},
-                       "sp": {k: sp[k] for k in ("variant", "degree", "layout")} if sp else {}}, sort_keys=True)
-
-
 def _summary(d: dict | None) -> str:
     if d is None:
         return "nothing fits"
@@ -83,7 +75,7 @@ def main() -> None:
         point_s.append(time.perf_counter() - t0)
         piece = next(p for p in r["pieces"] if p["lo"] <= s <= p["hi"])
         same = (fresh is None and piece["plan"] is None) or (
-            fresh is not None and piece["plan"] is not None and _decision(fresh) == _decision(piece["plan"]))
+            fresh is not None and piece["plan"] is not None and decision(fresh) == decision(piece["plan"]))
         agree += same
         rows.append({"seq": s, "seconds": round(point_s[-1], 3), "agrees": same,
                      "point_plan": _summary(fresh) if fresh else f"nothing fits: {why[:80]}"})

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from planner.capture import capture, capture_symbolic, example_sizes
 from planner.models import resolve_model
-from planner.plan import Plan
+from planner.plan import Plan, decision
 from search.baseline import best, enumerate_candidates, shard_all
 from search.candidate import Candidate
 from search.cluster import Cluster, cpu_cache_path, get_cluster
@@ -141,10 +141,6 @@ def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, sea
     return plan, cands, ""
 
 
-# the fields that make two plans the same plan (what the passes read); the rest are predictions
-_DECISION = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
-
-
 def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, name: str, start: float,
                 timings: bool, options: dict) -> Plan:
     """The piecewise plan over ``grid`` = (symbol, lo, hi, step): one symbolic capture, specialised and
@@ -164,8 +160,8 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
         if plan is None:
             return Outcome(None, costs=_costs(cands, limit), reason=why)
         plans[v] = plan
-        decision = json.dumps({k: plan[k] for k in _DECISION} | {"sp": _sp_decision(plan)}, sort_keys=True)
-        return Outcome(decision, _variant(cands[0]), _costs(cands, limit), family=_config(cands[0]))
+        return Outcome(json.dumps(decision(plan), sort_keys=True), _variant(cands[0]), _costs(cands, limit),
+                       family=_config(cands[0]))
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
     pieces = [{"lo": p.lo, "hi": p.hi, "plan": plans.get(p.lo),
@@ -254,11 +250,6 @@ def _cost_dict(cost) -> dict:
     if cost is None:
         return {"step_time_s": None, "peak_memory_bytes": None, "feasible": False}
     return {"step_time_s": cost[0], "peak_memory_bytes": cost[1], "feasible": cost[2]}
-
-
-def _sp_decision(plan: dict) -> dict:
-    sp = plan["sequence_parallel"]
-    return {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}
 
 
 def make_plan_from_spec(model_spec: str, *, cluster: str = "a100-80g", devices: int | None = None,

@@ -663,6 +663,17 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+DECISION_KEYS = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
+
+
+def decision(d: dict) -> dict:
+    """What makes two plan dicts the same plan (what the passes read; the rest are predictions): the
+    ``DECISION_KEYS`` and the attention variant, degree, inner group and layout."""
+    sp = d["sequence_parallel"]
+    return {**{k: d[k] for k in DECISION_KEYS},
+            "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}
+
+
 def tp_summary(tp: dict) -> list[tuple[str, str, int, int]]:
     """Collapse block indices: [(pattern, style, groups, count)], e.g. ("h.*.attn.c_attn", "colwise", 1, 3)."""
     counts: dict[tuple[str, str, int], int] = {}
@@ -925,6 +936,10 @@ class Plan:
     alternatives = property(lambda self: self._get("alternatives"))
     warnings = property(lambda self: self._get("warnings"))
     range = property(lambda self: copy.deepcopy(self._d.get("range")))
+
+    def decision(self) -> dict:
+        """:func:`decision` of this plan."""
+        return decision(self._d)
 
     def piece_for(self, value: int) -> "Plan":
         """The plan of the range piece holding ``value`` (of S or B), with its seq_len / global_batch set to it."""

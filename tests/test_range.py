@@ -32,15 +32,6 @@ MIB = 2**20
 # gpt-tiny on two a100s with 10 MiB per device over S = 16..2048 (grid 16): five pieces, memory and
 # time breakpoints (ZeRO-3, selective and full recompute, then Ulysses sequence parallelism)
 SPEC = dict(cluster="a100-80g", devices=2, global_batch=2, seq_len=(16, 2048), memory_limit_gib=10 / 1024)
-DECISION = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
-
-
-def _decision(plan: Plan) -> dict:
-    d = plan.to_dict()
-    sp = d["sequence_parallel"]
-    return {**{k: d[k] for k in DECISION}, "sp": {k: sp[k] for k in ("variant", "degree", "layout")} if sp else {}}
-
-
 @pytest.fixture(scope="module")
 def ranged() -> Plan:
     return make_plan_from_spec("gpt-tiny", **SPEC)
@@ -112,7 +103,7 @@ def test_piecewise_plan_equals_fresh_concrete_plans(ranged):
     samples = {s["at"]: s for s in r["samples"]}
     for s in points:
         fresh = _fresh(s)
-        assert _decision(ranged.piece_for(s)) == _decision(fresh), s
+        assert ranged.piece_for(s).decision() == fresh.decision(), s
         if s in samples:
             assert samples[s]["step_time_s"] == pytest.approx(fresh.predicted["step_time_s"], rel=1e-5)
             assert samples[s]["peak_memory_bytes"] == pytest.approx(fresh.predicted["peak_memory_bytes"], rel=1e-5)
@@ -167,7 +158,7 @@ def test_batch_range_equals_fresh_plans():
     for b in sorted({2, 64} | {x for bp in r["breakpoints"] for x in (bp["at"] - 2, bp["at"])}):
         m, a, k = build("gpt-tiny", batch=b, seq=64)
         fresh = make_plan(m, (a, k), cl, global_batch=b, memory_limit=4 * MIB, name="gpt-tiny")
-        assert _decision(plan.piece_for(b)) == _decision(fresh), b
+        assert plan.piece_for(b).decision() == fresh.decision(), b
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -240,7 +231,7 @@ def _run_pieces(rank, world, plan_json):
 def test_auto_parallelize_runs_the_piece_for_the_input_length():
     plan = _gloo_plan()
     expect = {s: plan.piece_for(s) for s in GLOO_POINTS}
-    assert len({json.dumps(_decision(p), sort_keys=True) for p in expect.values()}) == 3
+    assert len({json.dumps(p.decision(), sort_keys=True) for p in expect.values()}) == 3
     results = run_ranks(_run_pieces, 2, plan.to_json(), timeout=240)
     for rank_out in results:
         for s in GLOO_POINTS:
