@@ -132,9 +132,9 @@ def planner_choice(regions, need: float, launch_s: float) -> tuple[list[dict], f
     one device runs the whole captured step, one microbatch."""
     from search.baseline import CHUNKS
     from search.chunking import chunk_seconds, select
-    from search.cluster import get_cluster
+    from planner.api import load_cluster
 
-    cl = dataclasses.replace(get_cluster("cpu"), kernel_launch_s=launch_s)
+    cl = dataclasses.replace(load_cluster("cpu", 2), kernel_launch_s=launch_s)
 
     def seconds(r, k):
         return chunk_seconds(r, k, cl, "fp32", r.instances)

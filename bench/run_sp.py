@@ -148,9 +148,8 @@ def measured(quick: bool) -> dict:
     from search.cluster import cpu_cache_path
 
     warmup, steps = (1, 3) if quick else (2, 10)
-    cache = cpu_cache_path()
-    cached_for = json.loads(cache.read_text()).get("devices_per_node") if cache.exists() else None
-    cluster = load_cluster("cpu", WORLD)  # measures only if the cache is missing or for another rank count
+    measured_now = not cpu_cache_path(WORLD).exists()
+    cluster = load_cluster("cpu", WORLD)  # measures only if this rank count's profile is missing
     plans, plan_s = {}, {}
     for name, fix in VARIANTS:
         model, args = build("meta")
@@ -224,8 +223,7 @@ def measured(quick: bool) -> dict:
                   "tokens_per_rank_at_sp4": SEQ // 4},
         "batch": BATCH, "seq": SEQ, "dtype": "fp32", "world": WORLD, "warmup": warmup, "steps": steps,
         "step": "zero_grad + forward + backward (no optimizer step)",
-        "cluster": {"profile": cluster.to_dict(), "cache_was_for_ranks": cached_for,
-                    "measured_now": cached_for != WORLD},
+        "cluster": {"profile": cluster.to_dict(), "measured_now": measured_now},
         "reference_loss": ref_loss,
         "loss_tolerance": LOSS_TOL, "bytes_tolerance": BYTES_TOL,
         "baselines": baselines,

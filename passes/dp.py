@@ -1,16 +1,16 @@
-"""apply_dp: average gradients over the data-parallel group at the end of every backward."""
+"""apply_dp: average gradients over the ranks that share parameters at the end of every backward;
+under ZeRO (stages 1-3) shard parameters, gradients and optimizer state over them (``passes.zero``)."""
 from __future__ import annotations
 
-import torch
+import torch.fx as fx
 
-from runtime.dp import GradSync
-from search.errors import BadInput
+from passes.zero import apply_zero
+from runtime.dp import GradSync, ShardedGradSync
 
 
-def apply_dp(module: torch.nn.Module, group, zero: int) -> GradSync:
-    """Attach gradient averaging to ``module``'s parameters. ZeRO stages are priced by the search;
-    emission of stages 1-3 (sharded optimizer/grads/params) is not implemented yet, so refuse them."""
+def apply_dp(gm: fx.GraphModule, group, zero: int, blocks: list[str]) -> GradSync | ShardedGradSync:
+    """Gradient averaging over ``group`` for ``gm`` (ZeRO ``zero``: 0 plain data parallelism, 1-3 sharded,
+    one FSDP group per block of ``blocks``, module scopes)."""
     if zero:
-        raise BadInput(f"the plan uses ZeRO stage {zero}, which autopar prices but cannot emit yet; "
-                       "re-plan with --fix zero=0 (or constraints={'zero': 0})")
-    return GradSync([p for p in module.parameters() if p.requires_grad], group)
+        return apply_zero(gm, group, zero, blocks)
+    return GradSync([p for p in gm.parameters() if p.requires_grad], group)

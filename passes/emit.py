@@ -28,9 +28,6 @@ def check_emittable(plan) -> None:
     if deg["pp"] > 1 and deg["sp"] > 1:
         raise BadInput(f"the plan pipelines over pp={deg['pp']} with sp={deg['sp']}: autopar emits sequence "
                        "parallelism without pipelining so far; re-plan with --fix sp=1 or --fix pp=1")
-    if plan.pipeline["microbatches"] != 1 and deg["pp"] == 1:
-        raise BadInput(f"the plan accumulates {plan.pipeline['microbatches']} microbatches, which autopar prices "
-                       "but cannot emit yet; re-plan with --fix microbatches=1")
     recompute = plan.recompute  # "none" | "selective" | "full", or one of those per module
     if not isinstance(recompute, str):
         raise BadInput(f"the plan recomputes per module ({recompute}), which autopar cannot emit yet; re-plan "
@@ -61,7 +58,7 @@ def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: 
                             group=mesh.group("pp"), all_pipelines=mesh.all_groups("pp"))
     module = PipelineModule(runner, plan, mesh, aliases, batch, param_shards=shards)
     if mesh.size("dp") > 1:
-        module.grad_sync = apply_dp(module, mesh.group("dp"), plan.degrees["zero"])
+        module.grad_sync = apply_dp(module, mesh.group("dp"), 0, [])
         module.dp_group = mesh.group("dp")
     return module
 
@@ -97,10 +94,11 @@ def _sp_rank(mesh: Mesh) -> int:
 
 def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit, blocks: list[str]) -> DistributedModule:
     """Rewrite ``gm`` for this rank as ``plan`` says (:func:`check_emittable` first): tensor parallelism,
-    then sequence parallelism, chunking, recompute, then gradient averaging over the ranks that share
-    parameters. ``gm`` was captured on this rank's data-parallel slice of the example inputs
+    then sequence parallelism, chunking, recompute, then gradient averaging (or ZeRO sharding) over the
+    ranks that share parameters. ``gm`` was captured on this rank's data-parallel slice of the example inputs
     (``batch.replica``); ``mesh`` is :func:`plan_mesh`; ``blocks``: the module scopes of its repeated
-    blocks (``search.recompute.block_scopes``, what full recompute checkpoints)."""
+    blocks (``search.recompute.block_scopes``: what full recompute checkpoints and ZeRO shards as
+    one FSDP group each)."""
     deg = plan.degrees
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     tp = deg["tp"]
@@ -125,5 +123,5 @@ def emit(gm: fx.GraphModule, plan, mesh: Mesh, batch: BatchSplit, blocks: list[s
         apply_chunking(gm, plan.chunking)
     apply_recompute(gm, plan.recompute, blocks)
     group = mesh.joint_group(replicas)
-    sync = apply_dp(gm, group, deg["zero"])
+    sync = apply_dp(gm, group, deg["zero"], blocks)
     return DistributedModule(gm, plan, mesh, sync, shards, batch, group)

@@ -5,14 +5,18 @@ A region is a list of call nodes of ``gm``. Its inputs are the values it reads f
 included: ``get_attr`` nodes become arguments, so gradients flow through whatever runs the body); its
 outputs are the values nodes outside it read. :func:`outline` inserts one ``call_module`` of the given
 module before the first outside use of an output, routes every outside use through ``getitem`` nodes
-that carry the outputs' metadata, and erases the region.
+that carry the outputs' metadata, and erases the region. The call node's ``meta["scope"]`` is the
+module path the region's nodes share, so a later pass still finds the call inside its block.
 """
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 import torch.fx as fx
+
+from search.chunkflow import _scope
 
 
 def region_io(region: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -40,16 +44,22 @@ def copy_body(gm: fx.GraphModule, region: list[fx.Node], inputs: list[fx.Node], 
 
 
 def outline(gm: fx.GraphModule, region: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node],
-            module: torch.nn.Module, base_name: str) -> str:
+            module: torch.nn.Module, base_name: str, *, path: str | None = None) -> str:
     """Replace ``region`` of ``gm`` (in place) by a call of ``module`` on ``inputs`` returning a tuple of
-    ``outputs``; returns the submodule's name. The caller recompiles."""
+    ``outputs``; returns the submodule's name: a fresh one from ``base_name``, or ``path`` (a dotted
+    module path, replacing the module there). The caller recompiles."""
     graph, members = gm.graph, set(region)
-    name = free_name(gm, base_name)
-    gm.add_module(name, module)
+    if path is None:
+        name = free_name(gm, base_name)
+        gm.add_module(name, module)
+    else:
+        name = path
+        gm.set_submodule(path, module)
     order = {n: i for i, n in enumerate(graph.nodes)}
     first_user = min((u for n in outputs for u in n.users if u not in members), key=order.get)
     with graph.inserting_before(first_user):
         call = graph.call_module(name, tuple(inputs))
+        call.meta["scope"] = common_scope(region)
         for i, out in enumerate(outputs):
             item = graph.call_function(operator.getitem, (call, i))
             item.meta = dict(out.meta)  # stands for ``out``: same value metadata
@@ -58,6 +68,12 @@ def outline(gm: fx.GraphModule, region: list[fx.Node], inputs: list[fx.Node], ou
         graph.erase_node(n)
     graph.lint()
     return name
+
+
+def common_scope(region: list[fx.Node]) -> str:
+    """The longest module path every node of ``region`` that has one lies in ("" if none)."""
+    paths = [s.split(".") for s in map(_scope, region) if s]
+    return ".".join(os.path.commonprefix(paths)) if paths else ""
 
 
 def free_name(gm: fx.GraphModule, base: str) -> str:

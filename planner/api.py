@@ -45,20 +45,22 @@ def load_cluster(cluster: Cluster | str | None, devices: int | None = None) -> C
     name = cluster or "cpu"
     if name != "cpu":
         return get_cluster(name, devices)
+    from runtime.calibrate import calibration_lock
+
     ranks = devices or 2
-    path = cpu_cache_path()
-    if not path.exists() or json.loads(path.read_text()).get("devices_per_node") != ranks:
-        _calibrate_in_subprocess(ranks)
+    with calibration_lock(ranks):  # ranks that start together wait for one measurement
+        if not cpu_cache_path(ranks).exists():
+            _calibrate_in_subprocess(ranks)
     return get_cluster(name, ranks)
 
 
 def _calibrate_in_subprocess(ranks: int) -> None:
     """Measure the local machine for ``ranks`` ranks in a clean process (torchrun's variables would
-    hijack its ranks)."""
+    hijack its ranks); the caller holds the calibration lock."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                         "GROUP_RANK", "ROLE_RANK") and not k.startswith("TORCHELASTIC")}
-    done = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--ranks", str(ranks)], env=env,
+    done = subprocess.run([sys.executable, "-m", "runtime.calibrate", "--ranks", str(ranks), "--locked"], env=env,
                           capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent),
                           timeout=300)
     if done.returncode != 0:
@@ -400,7 +402,6 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     """
     from passes.emit import batch_split, check_emittable, emit, emit_pipeline, plan_mesh
     from runtime.mesh import init_distributed
-    from runtime.module import BatchSplit
 
     rank, world = init_distributed()
     if plan is None:
@@ -419,16 +420,15 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     mesh = plan_mesh(plan)
     batch = batch_split(plan, mesh, args, kwargs)
     if deg["pp"] > 1:  # capture one microbatch of this replica's slice; cut where the plan's stages start
-        local_args, local_kwargs = batch(args, kwargs)
-        first = BatchSplit.from_example(local_args, local_kwargs, plan.global_batch // deg["dp"],
-                                        plan.pipeline["microbatches"], 0)
-        mg = capture(model, *first(local_args, local_kwargs), name=plan.model["name"])
+        first = batch.microbatches(plan.pipeline["microbatches"])[0]
+        mg = capture(model, *first(*batch(args, kwargs)), name=plan.model["name"])
         folding = fold_graph(mg)
         cuts = [folding.regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
         blocks = block_scopes(mg, folding) if plan.recompute == "full" else []
         return emit_pipeline(mg.gm, plan, cuts, mesh, batch, blocks)
-    mg = capture(model, *batch.replica(args, kwargs), name=plan.model["name"])
-    blocks = block_scopes(mg, fold_graph(mg)) if plan.recompute == "full" else []
+    first = batch.microbatches(plan.pipeline["microbatches"])[0]  # gradient accumulation: one microbatch
+    mg = capture(model, *first.replica(*batch.replica(args, kwargs)), name=plan.model["name"])
+    blocks = block_scopes(mg, fold_graph(mg)) if plan.recompute == "full" or deg["zero"] else []
     return emit(mg.gm, plan, mesh, batch, blocks)
 
 
@@ -438,7 +438,7 @@ def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, ra
     if rank == 0:
         try:
             cl = load_cluster(cluster if cluster is not None else "cpu", world)
-            fix = {"zero": 0, "microbatches": 1, "pp": 1, **(constraints or {})}  # priced, not emitted yet
+            fix = {"pp": 1, **(constraints or {})}
             msg[0] = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
                                name=type(model).__name__).to_json()
         except AutoparError as exc:

@@ -1,8 +1,9 @@
 """Measure this machine and write the `cpu` cluster profile (DESIGN §4 "calibrate against measurement").
 
 ``python -m runtime.calibrate [--ranks N] [--force]`` measures and prints the numbers; the profile is
-written in ``Cluster.to_dict`` format to ``search.cluster.cpu_cache_path()``
-(``$AUTOPAR_CACHE/cpu.json`` or ``~/.cache/autopar/cpu.json``), where ``get_cluster("cpu")`` loads it.
+written in ``Cluster.to_dict`` format to ``search.cluster.cpu_cache_path(ranks)``
+(``$AUTOPAR_CACHE/cpu-<ranks>.json`` or ``~/.cache/autopar/cpu-<ranks>.json``), where
+``get_cluster("cpu", ranks)`` loads it.
 
 The profile is measured *for* ``ranks`` processes, because ranks beyond the core count share cores,
 caches and memory bandwidth. Each rank runs with one thread, as the runtime does on CPU:
@@ -16,12 +17,16 @@ caches and memory bandwidth. Each rank runs with one thread, as the runtime does
   (what activation chunking's time model charges per chunk and kernel);
 - gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median time of a 4-byte and a
   16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
-  link, so inter_* = intra_*.
+  link, so inter_* = intra_*;
+- ``collective_factor``: a 16 MiB reduce-scatter and all-gather, measured over their ring-model time
+  (p−1)/p · n/B + (p−1)α (gloo reduce-scatters by an all-reduce: about 2; what ZeRO's price uses).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import socket
@@ -145,15 +150,19 @@ def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         result = {}
-        for label, nbytes, reps in (("small", SMALL_BYTES, 30), ("large", LARGE_BYTES, 7)):
-            buf = torch.ones(max(1, nbytes // 4))
+        big = torch.ones(LARGE_BYTES // 4)
+        part = torch.ones(LARGE_BYTES // 4 // world)
+        runs = (("small", torch.ones(1), dist.all_reduce, 30), ("large", big, dist.all_reduce, 7),
+                ("reduce_scatter", big, lambda x: dist.reduce_scatter_tensor(part, x), 7),
+                ("all_gather", part, lambda x: dist.all_gather_into_tensor(big, x), 7))
+        for label, buf, op, reps in runs:
             for _ in range(3):
-                dist.all_reduce(buf)
+                op(buf)
             times = []
             for _ in range(reps):
                 dist.barrier()
                 t0 = time.perf_counter()
-                dist.all_reduce(buf)
+                op(buf)
                 times.append(time.perf_counter() - t0)
             result[label] = statistics.median(times)
         dist.barrier()
@@ -161,11 +170,12 @@ def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
         dist.barrier()
         membw = measure_memory_bandwidth()
         # the slowest rank bounds a step: max of times, min of rates
-        t = torch.tensor([result["small"], result["large"], -flops, -membw], dtype=torch.float64)
+        labels = ("small", "large", "reduce_scatter", "all_gather")
+        t = torch.tensor([result[k] for k in labels] + [-flops, -membw], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rank == 0:
-            Path(out_path).write_text(json.dumps({"small": t[0].item(), "large": t[1].item(),
-                                                  "training_flops": -t[2].item(), "memory_bandwidth": -t[3].item()}))
+            Path(out_path).write_text(json.dumps({**{k: t[i].item() for i, k in enumerate(labels)},
+                                                  "training_flops": -t[4].item(), "memory_bandwidth": -t[5].item()}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -220,6 +230,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
     peak = measure_matmul_flops()
     launch = measure_kernel_launch()
     alpha, bw, raw = measure_ranks(ranks)
+    world = max(2, ranks)
     d = {
         "name": "cpu",
         "nodes": 1,
@@ -233,13 +244,16 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
         "inter_latency": alpha,
         "compute_efficiency": min(1.0, raw["training_flops"] / peak),
         "kernel_launch_s": launch,
+        # gloo's reduce-scatter and all-gather against the ring model at the fitted link (16 MiB)
+        "collective_factor": {k: raw[k] / ((world - 1) / world * LARGE_BYTES / bw + (world - 1) * alpha)
+                              for k in ("reduce_scatter", "all_gather")},
     }
     Cluster.from_dict(d)  # validate before anyone caches it
     return d
 
 
 def write_cpu_profile(profile: dict, path=None) -> Path:
-    p = Path(path) if path is not None else cpu_cache_path()
+    p = Path(path) if path is not None else cpu_cache_path(profile["devices_per_node"])
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(profile, indent=2) + "\n")
@@ -247,12 +261,24 @@ def write_cpu_profile(profile: dict, path=None) -> Path:
     return p
 
 
-def ensure_cpu_profile(ranks: int = 2, *, force: bool = False) -> Path:
-    """Path of the cached `cpu` profile for ``ranks`` ranks, measuring (≈10 s) only when missing,
-    measured for another rank count, or ``force``."""
-    p = cpu_cache_path()
-    if force or not p.exists() or json.loads(p.read_text()).get("devices_per_node") != ranks:
-        write_cpu_profile(measure_cpu_profile(ranks), p)
+@contextlib.contextmanager
+def calibration_lock(ranks: int):
+    """Hold the ``cpu`` profile's file lock: processes that need the profile at once wait for one
+    measurement (measuring alongside each other, they would measure a machine they overload)."""
+    p = cpu_cache_path(ranks)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def ensure_cpu_profile(ranks: int = 2, *, force: bool = False, locked: bool = False) -> Path:
+    """Path of the cached `cpu` profile for ``ranks`` ranks, measuring (≈10 s) only when missing or
+    ``force``, under :func:`calibration_lock` (``locked``: the caller holds it)."""
+    p = cpu_cache_path(ranks)
+    with contextlib.nullcontext() if locked else calibration_lock(ranks):
+        if force or not p.exists():
+            write_cpu_profile(measure_cpu_profile(ranks), p)
     return p
 
 
@@ -261,12 +287,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=2, help="ranks (devices) to run on this machine")
     ap.add_argument("--force", action="store_true", help="re-measure even if a cached profile exists")
     ap.add_argument("--no-write", action="store_true", help="measure and print only")
+    ap.add_argument("--locked", action="store_true", help=argparse.SUPPRESS)  # the caller holds the lock
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     if args.no_write:
         prof, where = measure_cpu_profile(args.ranks), "(not written)"
     else:
-        where = ensure_cpu_profile(args.ranks, force=args.force)
+        where = ensure_cpu_profile(args.ranks, force=args.force, locked=args.locked)
         prof = json.loads(where.read_text())
     pf = prof["peak_flops"]["fp32"]
     print(f"cpu profile ({args.ranks} ranks, {time.perf_counter() - t0:.1f} s) -> {where}")
@@ -276,6 +303,8 @@ def main(argv=None) -> int:
     print(f"  memory bandwidth      : {prof['memory_bandwidth'] / 1e9:8.2f} GB/s per rank (all ranks busy)")
     print(f"  gloo bandwidth B      : {prof['intra_bandwidth'] / 1e9:8.3f} GB/s")
     print(f"  gloo latency alpha    : {prof['intra_latency'] * 1e6:8.1f} us")
+    for kind, f in prof.get("collective_factor", {}).items():
+        print(f"  {kind + ' / ring':22s}: {f:8.2f}")
     print(f"  memory per rank       : {prof['memory_bytes'] / 2**30:8.2f} GiB")
     return 0
 

@@ -12,6 +12,9 @@ result to every parameter's `.grad`. Buckets (at most `bucket_bytes`, per dtype)
 construction, so every rank issues the same all-reduces even if a parameter got no gradient on some
 rank: the missing gradient counts as zeros, and the parameter receives the average like the others
 (one that no rank used gets a zero gradient, not None).
+
+``ShardedGradSync`` is the same interface for a module sharded by FSDP2 (``passes.zero``): FSDP2
+reduce-scatters the gradients itself; ``no_sync`` says a backward is not the step's last.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from runtime.collectives import all_reduce, group_size
 
-__all__ = ["GradSync"]
+__all__ = ["GradSync", "ShardedGradSync"]
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 
@@ -106,3 +109,25 @@ class GradSync:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class ShardedGradSync:
+    """Gradient accumulation on a ZeRO (FSDP2) module: ``no_sync`` marks backwards that are not a step's
+    last. ZeRO-1 then skips the reduce-scatter (full gradients accumulate) and keeps the parameters
+    gathered; ZeRO-2 reduce-scatters every backward but keeps the parameters gathered; ZeRO-3 changes
+    nothing. ``blocks``: the module paths sharded as their own FSDP groups."""
+
+    def __init__(self, module, zero: int, blocks: list[str]):
+        self.module, self.zero, self.blocks = module, zero, list(blocks)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        if self.zero == 1:
+            self.module.set_requires_gradient_sync(False)
+        if self.zero < 3:
+            self.module.set_reshard_after_backward(False)
+        try:
+            yield
+        finally:
+            self.module.set_requires_gradient_sync(True)
+            self.module.set_reshard_after_backward(True)

@@ -2,14 +2,17 @@
 
 It takes the *global* batch (every rank passes the same inputs), keeps its data-parallel slice
 (``BatchSplit``), runs the rewritten graph, and returns the loss averaged over data-parallel ranks
-(its gradient is the local one; ``GradSync`` averages the gradients). Parameters keep their
-original names.
+(its gradient is the local one; ``GradSync`` averages the gradients, or FSDP2 reduce-scatters them
+under ZeRO). Parameters keep their original names. ``step`` runs forward and backward of a whole
+step, over the plan's microbatches (gradient accumulation) when it has several.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from runtime.attention import shard_sequence
 from runtime.collectives import all_gather, all_reduce_mean_scalar
@@ -52,6 +55,13 @@ class BatchSplit:
             raise BadInput(f"no example input has the plan's global batch {global_batch} as its first dimension; "
                            "pass example inputs holding the global batch the plan was made for")
         return split
+
+    def microbatches(self, m: int) -> list[BatchSplit]:
+        """The ``m`` splits of this rank's data-parallel slice into microbatches (same batched inputs)."""
+        local = self.global_batch // self.dp
+        if local % m:
+            raise BadInput(f"this rank's {local} samples do not split into {m} microbatches; re-plan")
+        return [BatchSplit(local, m, i, self.args, self.kwargs) for i in range(m)]
 
     def __call__(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """This rank's slice of the batched inputs of one call (others pass through): its data-parallel
@@ -104,8 +114,13 @@ class DistributedModule(torch.nn.Module):
         self.batch = batch
         self.replicas = batch.dp * batch.sp   # ranks holding the same parameters: the loss is their mean
         self.replica_group = replica_group
+        self.microbatches = plan.pipeline["microbatches"]
+        self._micro = batch.microbatches(self.microbatches)
 
     def forward(self, *args, **kwargs):
+        if self.microbatches > 1:
+            raise BadInput(f"the plan accumulates gradients over {self.microbatches} microbatches: call "
+                           "loss = module.step(*inputs), which runs forward and backward of each, then opt.step()")
         args, kwargs = self.batch(args, kwargs)
         out = self.gm(*args, **kwargs)
         if self.replicas == 1:
@@ -117,21 +132,41 @@ class DistributedModule(torch.nn.Module):
             out.loss = out.loss + (all_reduce_mean_scalar(out.loss, group) - out.loss.detach())
         return out
 
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        """Forward and backward of the global batch in the plan's microbatches, gradients accumulated
+        (averaged over the replicas once, at the last); returns the step's loss, the mean over
+        microbatches and replicas (detached). The model must return a mean-reduced loss."""
+        args, kwargs = self.batch(args, kwargs)
+        m = self.microbatches
+        losses = []
+        for i, micro in enumerate(self._micro):
+            margs, mkwargs = micro(args, kwargs)
+            with self.grad_sync.no_sync() if i < m - 1 else contextlib.nullcontext():
+                loss = _loss(self.gm(*margs, **mkwargs))
+                (loss / m).backward()
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        return loss if self.replicas == 1 else all_reduce_mean_scalar(loss, self.replica_group)
+
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         """Original parameter names (the graph module keeps the model's FQNs)."""
         return self.gm.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
 
     def state_dict(self, *args, **kwargs):
-        """Local shards under the original names; see :meth:`full_state_dict` for unsharded tensors."""
+        """Local shards under the original names (under ZeRO, DTensors sharded over the replicas); see
+        :meth:`full_state_dict` for unsharded tensors."""
         return self.gm.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Copy local shards (original names) into the parameters. ``assign=True`` is refused: it would
-        replace the parameters, dropping gradient averaging and untying shared ones."""
+        """Copy local shards (original names) into the parameters: this rank's tensor-parallel shards,
+        whole over the replicas (under ZeRO each rank keeps its part). ``assign=True`` is refused: it
+        would replace the parameters, dropping gradient averaging and untying shared ones."""
         if assign:
             raise BadInput("DistributedModule.load_state_dict(assign=True) would replace the parameters, which "
                            "drops gradient averaging and unties shared ones (e.g. tied embeddings); "
                            "load with assign=False, which copies into the local shards")
+        own = self.gm.state_dict(keep_vars=True)
+        state_dict = {k: replica_part(v, own[k]) if k in own else v for k, v in state_dict.items()}
         return self.gm.load_state_dict(state_dict, strict=strict)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -141,10 +176,28 @@ class DistributedModule(torch.nn.Module):
         tp = self.mesh.size("tp")
         out = {}
         for name, t in self.gm.state_dict().items():
+            if isinstance(t, DTensor):  # ZeRO: gather the replicas' parts
+                t = t.full_tensor()
             if name in self.param_shards and tp > 1:
                 t = unshard(t, *self.param_shards[name], tp_group)
             out[name] = t.detach().clone()
         return out
+
+
+def _loss(out) -> torch.Tensor:
+    """The loss a model returned: the output itself, or its ``loss`` field (Hugging Face)."""
+    loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise BadInput("module.step needs the model to return its loss (a scalar, or an output with .loss); "
+                       "pass the targets among the inputs")
+    return loss
+
+
+def replica_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``like`` holds it: this rank's part of it when ``like`` is a DTensor (ZeRO), ``t`` otherwise."""
+    if isinstance(like, DTensor) and not isinstance(t, DTensor):
+        return distribute_tensor(t.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return t
 
 
 def unshard(t: torch.Tensor, dim: int, groups: int, group) -> torch.Tensor:

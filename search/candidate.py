@@ -80,15 +80,20 @@ def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp
     """(seconds, bytes sent) of data-parallel traffic per step: gradients under ZeRO ``zero`` and the
     fp32 loss all-reduce of each of ``m`` microbatches (the module reports the dp-mean loss)."""
     grad_bytes = params * DTYPE_BYTES[dtype]
-    if zero <= 1:
+    if zero == 0:
         kinds = [("all_reduce", grad_bytes, 1)]
-    elif zero == 2:
+    elif zero == 1:  # parameters gathered once, gradients accumulated whole and reduce-scattered once
         kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 1)]
-    else:  # ZeRO-3 gathers parameters for forward and backward of every microbatch
-        kinds = [("reduce_scatter", grad_bytes, 1), ("all_gather", grad_bytes, 2 * m)]
+    elif zero == 2:  # sharded gradients: reduce-scattered after every microbatch
+        kinds = [("reduce_scatter", grad_bytes, m), ("all_gather", grad_bytes, 1)]
+    else:  # ZeRO-3 also gathers parameters for forward and backward of every microbatch
+        kinds = [("reduce_scatter", grad_bytes, m), ("all_gather", grad_bytes, 2 * m)]
+    # ZeRO packs every gathered parameter and reduce-scattered gradient through a flat buffer: one read
+    # and one write of the whole tensor per collective (memory bound; what FSDP2 copies in and out)
+    packing = sum(2 * b * n for k, b, n in kinds) / cl.memory_bandwidth if zero and dp > 1 else 0.0
     if dp > 1:
         kinds.append(("all_reduce", LOSS_BYTES, m))
     t = sum(n * cost.collective_time(k, b, dp, cl, spans_nodes=dp_spans) for k, b, n in kinds)
-    return t, sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
+    return t + packing, sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
 
 

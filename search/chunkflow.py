@@ -495,11 +495,14 @@ def _shape(node: fx.Node) -> tuple:
 
 
 def _scope(node: fx.Node) -> str:
-    """The node's module path: its NodeInfo scope, else the innermost entry of ``nn_module_stack``
-    (what ``planner.capture`` derives the scope from; nodes a pass inserted may have only that)."""
+    """The node's module path: its NodeInfo scope, the scope a pass gave the call it outlined a region
+    into (``meta["scope"]``), else the innermost entry of ``nn_module_stack`` (what ``planner.capture``
+    derives the scope from; nodes a pass inserted may have only that)."""
     info = node.meta.get("autopar")
     if info is not None:
         return info.scope
+    if "scope" in node.meta:
+        return node.meta["scope"]
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""

@@ -28,8 +28,9 @@ GiB = 1024 ** 3
 _FIELDS = (
     "name", "nodes", "devices_per_node", "peak_flops", "memory_bytes", "memory_bandwidth",
     "intra_bandwidth", "intra_latency", "inter_bandwidth", "inter_latency", "compute_efficiency",
-    "kernel_launch_s",
+    "kernel_launch_s", "collective_factor",
 )
+FACTOR_KINDS = ("all_gather", "reduce_scatter")  # collectives a profile may price off the ring model
 KERNEL_LAUNCH_S = 5e-6  # fixed cost of one kernel launch on a GPU; profiles without a measured one get it
 
 
@@ -50,14 +51,18 @@ class Cluster:
     inter_latency: float
     compute_efficiency: float = 0.6
     kernel_launch_s: float = KERNEL_LAUNCH_S  # per-kernel overhead: what makes many small chunks slower than one op
+    # measured time of a collective kind over its ring-model time (1 when absent): gloo's reduce-scatter
+    # costs an all-reduce, so the measured ``cpu`` profile prices it at about 2
+    collective_factor: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        pf = self.peak_flops
-        if isinstance(pf, dict):
-            pf = tuple(sorted(pf.items()))
-        else:
-            pf = tuple(sorted(tuple(p) for p in pf))
-        object.__setattr__(self, "peak_flops", pf)
+        for field in ("peak_flops", "collective_factor"):
+            v = getattr(self, field)
+            object.__setattr__(self, field, tuple(sorted(v.items() if isinstance(v, dict) else (tuple(x) for x in v))))
+
+    def factor(self, kind: str) -> float:
+        """How much slower than the ring model a ``kind`` collective runs on this cluster."""
+        return dict(self.collective_factor).get(kind, 1.0)
 
     @property
     def devices(self) -> int:
@@ -91,6 +96,7 @@ class Cluster:
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in _FIELDS}
         d["peak_flops"] = dict(self.peak_flops)
+        d["collective_factor"] = dict(self.collective_factor)
         return d
 
     @classmethod
@@ -101,7 +107,7 @@ class Cluster:
         unknown = sorted(set(d) - set(_FIELDS), key=str)
         if unknown:
             raise BadInput(f"{source}: unknown field(s) {unknown}; known fields: {list(_FIELDS)}")
-        required = [f for f in _FIELDS if f not in ("compute_efficiency", "kernel_launch_s")]
+        required = [f for f in _FIELDS if f not in ("compute_efficiency", "kernel_launch_s", "collective_factor")]
         missing = [f for f in required if f not in d]
         if missing:
             raise BadInput(f"{source}: missing field(s) {missing}")
@@ -137,6 +143,11 @@ class Cluster:
             peaks[k] = num(f"peak_flops.{k}", v)
         if "fp32" not in peaks:
             raise BadInput(f"{source}: field 'peak_flops' must give at least 'fp32'")
+        cf = d.get("collective_factor", {})
+        if not isinstance(cf, dict) or set(cf) - set(FACTOR_KINDS):
+            raise BadInput(f"{source}: field 'collective_factor' must be an object mapping some of "
+                           f"{', '.join(FACTOR_KINDS)} to a number, got {cf!r}")
+        factors = {k: num(f"collective_factor.{k}", v, at_most=100.0) for k, v in cf.items()}
         return cls(
             name=name,
             nodes=num("nodes", d["nodes"], integer=True),
@@ -150,6 +161,7 @@ class Cluster:
             inter_latency=num("inter_latency", d["inter_latency"], allow_zero=True),
             compute_efficiency=num("compute_efficiency", d.get("compute_efficiency", 0.6), at_most=1.0),
             kernel_launch_s=num("kernel_launch_s", d.get("kernel_launch_s", KERNEL_LAUNCH_S), allow_zero=True, at_most=1.0),
+            collective_factor=tuple(sorted(factors.items())),
         )
 
 
@@ -187,12 +199,13 @@ def builtin_names() -> list[str]:
     return sorted([*_BUILTIN, "cpu"])
 
 
-def cpu_cache_path() -> Path:
-    """Where the measured ``cpu`` profile lives: ``$AUTOPAR_CACHE/cpu.json`` when AUTOPAR_CACHE is
-    set (a directory), else ``~/.cache/autopar/cpu.json``."""
+def cpu_cache_path(ranks: int = 2) -> Path:
+    """Where the ``cpu`` profile measured for ``ranks`` ranks lives: ``$AUTOPAR_CACHE/cpu-<ranks>.json``
+    when AUTOPAR_CACHE is set (a directory), else ``~/.cache/autopar/cpu-<ranks>.json`` (ranks share
+    the cores, so each rank count has its own profile)."""
     root = os.environ.get("AUTOPAR_CACHE")
     base = Path(root) if root else Path.home() / ".cache" / "autopar"
-    return base / "cpu.json"
+    return base / f"cpu-{ranks}.json"
 
 
 def load_cluster_file(path, *, source: str | None = None) -> Cluster:
@@ -214,12 +227,14 @@ def load_cluster_file(path, *, source: str | None = None) -> Cluster:
     return Cluster.from_dict(data, source=f"cluster file {src}")
 
 
-def load_cpu_profile(path=None) -> Cluster:
-    """Load the measured ``cpu`` profile; BadInput telling the user to calibrate when missing."""
-    p = Path(path) if path is not None else cpu_cache_path()
+def load_cpu_profile(path=None, ranks: int = 2) -> Cluster:
+    """Load the ``cpu`` profile measured for ``ranks`` ranks; BadInput telling the user to calibrate
+    when missing."""
+    p = Path(path) if path is not None else cpu_cache_path(ranks)
     if not p.exists():
         raise BadInput(f"no measured 'cpu' cluster profile at {p}; run calibration first: "
-                       f"python -m runtime.calibrate (set AUTOPAR_CACHE to choose the cache directory)")
+                       f"python -m runtime.calibrate --ranks {ranks} (set AUTOPAR_CACHE to choose the cache "
+                       "directory)")
     return load_cluster_file(p)
 
 
@@ -231,7 +246,7 @@ def get_cluster(name_or_path: str, devices: int | None = None) -> Cluster:
     if name_or_path in _BUILTIN:
         c = _BUILTIN[name_or_path]
     elif name_or_path == "cpu":
-        c = load_cpu_profile()
+        c = load_cpu_profile(ranks=devices or 2)
     else:
         p = Path(name_or_path)
         if p.exists():

@@ -56,7 +56,8 @@ def collective_time(kind: str, nbytes: float, group_size: int, cluster: Cluster,
     group spans nodes (the slowest link it uses), else the intra-node link.
 
     all-reduce 2(p−1)/p·n/B + 2(p−1)α; all-gather, reduce-scatter (p−1)/p·n/B + (p−1)α;
-    all-to-all (p−1)/p·n/B; p2p n/B + α; p == 1 -> 0.
+    all-to-all (p−1)/p·n/B; p2p n/B + α; p == 1 -> 0. The bandwidth term is scaled by the cluster's
+    measured ``factor(kind)`` (1 on the built-in GPU profiles).
     """
     _check(kind, group_size)
     p = group_size
@@ -66,7 +67,7 @@ def collective_time(kind: str, nbytes: float, group_size: int, cluster: Cluster,
         bw, alpha = cluster.inter_bandwidth, cluster.inter_latency
     else:
         bw, alpha = cluster.intra_bandwidth, cluster.intra_latency
-    sent = bytes_sent_per_rank(kind, nbytes, p)
+    sent = bytes_sent_per_rank(kind, nbytes, p) * cluster.factor(kind)
     if kind == "all_reduce":
         return sent / bw + 2 * (p - 1) * alpha
     if kind in ("all_gather", "reduce_scatter"):

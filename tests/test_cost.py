@@ -1,4 +1,5 @@
 """Cluster profiles, cost formulas, memory accounting and the real `cpu` calibration."""
+import dataclasses
 import json
 
 import pytest
@@ -212,6 +213,9 @@ _DROP = object()
     (json.dumps(_mutate(peak_flops={"int8": 1e12, "fp32": 1.0})), "peak_flops"),
     (json.dumps(_mutate(peak_flops={"bf16": 1e12})), "peak_flops"),
     (json.dumps(_mutate(peak_flops={"fp32": "fast"})), "peak_flops.fp32"),
+    (json.dumps(_mutate(collective_factor={"all_to_all": 2.0})), "collective_factor"),
+    (json.dumps(_mutate(collective_factor={"reduce_scatter": -1})), "collective_factor.reduce_scatter"),
+    (json.dumps(_mutate(collective_factor=[2.0])), "collective_factor"),
     (json.dumps(_mutate(name="")), "name"),
     (json.dumps(_mutate(name=["x"])), "name"),
     (json.dumps(_mutate(__class__="os.system")), "unknown field"),
@@ -257,7 +261,7 @@ def test_real_cpu_calibration(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AUTOPAR_CACHE", str(tmp_path))
     path = ensure_cpu_profile(ranks=2)
-    assert path == tmp_path / "cpu.json" and path.exists()
+    assert path == tmp_path / "cpu-2.json" and path.exists()
     mtime = path.stat().st_mtime_ns
     assert ensure_cpu_profile(ranks=2) == path and path.stat().st_mtime_ns == mtime  # cached
     c = get_cluster("cpu")
@@ -273,4 +277,46 @@ def test_real_cpu_calibration(tmp_path, monkeypatch):
     assert 1e-8 < c.kernel_launch_s < 1e-2                              # measured: 10 ns .. 10 ms per launch
     # the measured model predicts a sensible all-reduce of 16 MiB: between 0.1 ms and 10 s
     assert 1e-4 < collective_time("all_reduce", 16 * 2 ** 20, 2, c, spans_nodes=False) < 10
-    assert get_cluster("cpu", devices=1).devices == 1
+    assert get_cluster("cpu", devices=2).devices == 2
+    # gloo reduce-scatters by an all-reduce: measured slower than the ring model (what ZeRO's price uses)
+    assert set(dict(c.collective_factor)) == {"reduce_scatter", "all_gather"}
+    assert 1.0 < c.factor("reduce_scatter") < 20 and 0.3 < c.factor("all_gather") < 20
+    # each rank count has its own profile: another one is not there until measured
+    with pytest.raises(BadInput, match="calibrate --ranks 3"):
+        get_cluster("cpu", devices=3)
+
+
+def test_dp_sync_per_zero_stage():
+    """Data-parallel traffic per step under each ZeRO stage (m microbatches): ZeRO-1 moves the all-reduce
+    volume as one reduce-scatter and one all-gather, ZeRO-2 reduce-scatters every microbatch, ZeRO-3 also
+    gathers parameters twice per microbatch; ZeRO pays a read and a write of each packed tensor."""
+    from search.candidate import LOSS_BYTES, dp_sync
+
+    cl, n, dp, m = A100_80G.with_devices(8), 10 ** 9, 8, 4
+    g = 2 * n  # bf16 gradients
+
+    def ring(kind, nbytes, times):
+        return times * collective_time(kind, nbytes, dp, cl, spans_nodes=False), times * bytes_sent_per_rank(kind, nbytes, dp)
+
+    loss_t, loss_b = ring("all_reduce", LOSS_BYTES, m)
+    expected = {0: [ring("all_reduce", g, 1)],
+                1: [ring("reduce_scatter", g, 1), ring("all_gather", g, 1)],
+                2: [ring("reduce_scatter", g, m), ring("all_gather", g, 1)],
+                3: [ring("reduce_scatter", g, m), ring("all_gather", g, 2 * m)]}
+    packed = {0: 0, 1: 2, 2: m + 1, 3: 3 * m}  # collectives that pack the whole tensor
+    for zero, parts in expected.items():
+        t, b = dp_sync(n, cl, "bf16", dp, zero, m, False)
+        assert b == pytest.approx(sum(x for _, x in parts) + loss_b)
+        assert t == pytest.approx(sum(x for x, _ in parts) + loss_t + packed[zero] * 2 * g / cl.memory_bandwidth)
+    assert dp_sync(n, cl, "bf16", dp, 1, m, False)[1] == pytest.approx(dp_sync(n, cl, "bf16", dp, 0, m, False)[1])
+
+
+def test_collective_factor_scales_the_bandwidth_term():
+    slow = dataclasses.replace(A100_80G, collective_factor=(("reduce_scatter", 2.5),))
+    n, p = 2 ** 30, 8
+    base = collective_time("reduce_scatter", n, p, A100_80G, spans_nodes=False)
+    alpha = (p - 1) * A100_80G.intra_latency
+    assert collective_time("reduce_scatter", n, p, slow, spans_nodes=False) == pytest.approx(alpha + 2.5 * (base - alpha))
+    assert collective_time("all_gather", n, p, slow, spans_nodes=False) == collective_time("all_gather", n, p, A100_80G,
+                                                                                             spans_nodes=False)
+    assert Cluster.from_dict(slow.to_dict()) == slow

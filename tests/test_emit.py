@@ -34,7 +34,13 @@ CASES_2 = [(m, c) for m in (*ZOO, HF_GPT2, HF_LLAMA) for c in ({"tp": 2}, {"dp":
     # recompute: every block checkpointed (dp), the eager attention cores checkpointed (tp)
     ("gpt-tiny", {"dp": 2, "recompute": "full"}), ("gpt-tiny-eager", {"tp": 2, "recompute": "selective"}),
     # batch 1: the grouped-query k/v expand-and-view [1, Hkv, rep, S, D] -> [1, H, S, D] shards its heads
-    ("llama-tiny", {"tp": 2, "batch": 1})]
+    ("llama-tiny", {"tp": 2, "batch": 1}),
+    # ZeRO on FSDP2: one group per block; ZeRO-3 with every block checkpointed
+    ("gpt-tiny", {"dp": 2, "zero": 1}), ("llama-tiny", {"dp": 2, "zero": 2}),
+    (HF_GPT2, {"dp": 2, "zero": 3, "recompute": "full"}), (HF_LLAMA, {"dp": 2, "zero": 3}),
+    # gradient accumulation (module.step): plain dp, ZeRO-1 (whole gradients accumulate), ZeRO-3
+    ("gpt-tiny", {"dp": 2, "microbatches": 2}), ("llama-tiny", {"dp": 2, "zero": 1, "microbatches": 2}),
+    ("gpt-tiny", {"dp": 2, "zero": 3, "microbatches": 2, "recompute": "full"})]
 # "keep=mlp": the full Megatron plan with only the cones whose modules contain "mlp" (any subset of
 # cones is a layout the ILP may choose)
 CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, "bert-tiny", HF_GPT2)] + [("gpt-tiny", {"dp": 2, "tp": 2,
@@ -45,7 +51,10 @@ CASES_4 = [(m, {"dp": 2, "tp": 2}) for m in (*ZOO, "bert-tiny", HF_GPT2)] + [("g
     ("dit-tiny", {"sp": 2, "dp": 2, "attention": "dsp"}),
     # recompute under dp × tp: the tp collectives inside a block are re-issued by its recompute
     ("llama-tiny", {"dp": 2, "tp": 2, "recompute": "full"}), ("gpt-tiny-eager", {"dp": 2, "tp": 2, "recompute": "selective"}),
-    ("bert-tiny", {"tp": 2, "dp": 2, "recompute": "full"})]
+    ("bert-tiny", {"tp": 2, "dp": 2, "recompute": "full"}),
+    # ZeRO over dp × tp shards (the tp shards over dp), and over dp × sp (the ranks sharing parameters)
+    ("gpt-tiny", {"dp": 2, "tp": 2, "zero": 3}), ("llama-tiny", {"sp": 2, "dp": 2, "attention": "ulysses", "zero": 2}),
+    ("bert-tiny", {"dp": 2, "tp": 2, "zero": 2, "microbatches": 2})]
 
 
 def _build(spec: str, batch: int = 4):
@@ -70,6 +79,7 @@ def _key(spec: str, cons: dict) -> str:
 
 def _check_case(spec: str, cons: dict) -> dict:
     import torch
+    from torch.distributed.tensor import DTensor
 
     from passes.recompute import Recomputed
     from passes.tp import shard_tensor
@@ -88,11 +98,16 @@ def _check_case(spec: str, cons: dict) -> dict:
     t_par = time.perf_counter() - t0
     deg = dmodel.plan.degrees
     res = {"degrees": {k: deg[k] for k in ("dp", "tp", "sp", "zero")}, "parallelize_s": round(t_par, 2),
+           "microbatches": dmodel.plan.pipeline["microbatches"],
            "attention": dmodel.plan.sequence_parallel.get("variant", "none"), "recompute": dmodel.plan.recompute,
            "recomputed": sum(isinstance(m, Recomputed) for m in dmodel.modules())}
 
-    loss = loss_of(dmodel(*args, **kwargs))
-    loss.backward()
+    if dmodel.microbatches > 1:  # forward and backward of every microbatch
+        res["forward_refused"] = _raised(lambda: dmodel(*args, **kwargs))
+        loss = dmodel.step(*args, **kwargs)
+    else:
+        loss = loss_of(dmodel(*args, **kwargs))
+        loss.backward()
     ref_loss = loss_of(ref(*args, **kwargs))
     ref_loss.backward()
     res["loss"] = abs(loss.item() - ref_loss.item())
@@ -114,10 +129,11 @@ def _check_case(spec: str, cons: dict) -> dict:
         if name in dmodel.param_shards and tp > 1:
             dim, groups = dmodel.param_shards[name]
             rg = shard_tensor(rg, dim, groups, tp, tp_rank)
-        if rg.shape != p.grad.shape:
-            no_grad.append(f"{name}: shape {tuple(p.grad.shape)} vs ref {tuple(rg.shape)}")
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad  # ZeRO: gather the parts
+        if rg.shape != grad.shape:
+            no_grad.append(f"{name}: shape {tuple(grad.shape)} vs ref {tuple(rg.shape)}")
             continue
-        d = (p.grad - rg).abs().max().item()
+        d = (grad - rg).abs().max().item()
         if d > grad_diff:
             grad_diff, worst = d, name
     res["grad"], res["worst_grad"], res["grad_problems"] = grad_diff, worst, no_grad
@@ -132,6 +148,9 @@ def _check_case(spec: str, cons: dict) -> dict:
     fresh.train()
     res.update(full_state_check(fresh, full, args, kwargs, ref_loss))
 
+    if deg["zero"]:
+        res.update(_zero_checks(dmodel, ref, args, kwargs))
+
     # one SGD step on both, then compare the second-step loss
     opt = torch.optim.SGD(dmodel.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -140,11 +159,39 @@ def _check_case(spec: str, cons: dict) -> dict:
     opt.zero_grad()
     ref_opt.zero_grad()
     with torch.no_grad():
-        l2 = loss_of(dmodel(*args, **kwargs)).item()
         r2 = loss_of(ref(*args, **kwargs)).item()
+        if dmodel.microbatches == 1:
+            l2 = loss_of(dmodel(*args, **kwargs)).item()
+    if dmodel.microbatches > 1:
+        l2 = dmodel.step(*args, **kwargs).item()
     res["loss_step2"] = abs(l2 - r2)
     res["step2_changed"] = abs(r2 - ref_loss.item()) > 1e-6
     return res
+
+
+def _zero_checks(dmodel, ref, args, kwargs) -> dict:
+    """ZeRO: FSDP groups, Adam state held 1/dp per rank, and loading whole weights (tp=1 only)."""
+    import torch
+    import torch.distributed as dist
+
+    out = {"fsdp_blocks": len(dmodel.grad_sync.blocks), "layers": dmodel.plan.model["layers"]}
+    adam = torch.optim.Adam(dmodel.parameters(), lr=0.0)
+    adam.step()  # on the first backward's gradients: every parameter gets its m and v, none moves
+    local = sum(v.to_local().numel() * 4 for st in adam.state.values() for k, v in st.items()
+                if k in ("exp_avg", "exp_avg_sq"))
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total, group=dmodel.replica_group)
+    full = 8 * sum(p.numel() for p in dmodel.parameters())
+    out.update(adam_fraction=local / full, adam_total_matches=int(total.item()) == full)
+    if dmodel.mesh.size("tp") == 1 and dmodel.microbatches == 1:
+        with torch.no_grad():
+            new = {k: v * 1.5 for k, v in ref.state_dict().items()}
+            dmodel.load_state_dict(new)
+            moved = copy.deepcopy(ref)
+            moved.load_state_dict(new)
+            out["zero_load"] = abs(loss_of(dmodel(*args, **kwargs)).item() - loss_of(moved(*args, **kwargs)).item())
+            dmodel.load_state_dict(ref.state_dict())  # back: the SGD check below starts from ref's weights
+    return out
 
 
 def _partial_plan(model, args, kwargs, cons):
@@ -184,7 +231,7 @@ def _bad_input(world):
     from search.errors import BadInput
 
     model, args, kwargs = _build("gpt-tiny")
-    plan = make_plan(model, (args, kwargs), get_cluster("cpu", 4), dtype="fp32", fix={"zero": 0})
+    plan = make_plan(model, (args, kwargs), get_cluster("a100-80g", 4), dtype="fp32", fix={"zero": 0})
     try:
         auto_parallelize(model, (args, kwargs), plan=plan)
     except BadInput as exc:
@@ -214,7 +261,7 @@ def _extras(rank, world) -> dict:
     ref = copy.deepcopy(model)
 
     # rank 0's constraints decide: rank 1 asks for tp=2 but must get rank 0's dp=2 plan
-    dmodel = auto_parallelize(model, (args, kwargs), constraints={"dp": 2} if rank == 0 else {"tp": 2})
+    dmodel = auto_parallelize(model, (args, kwargs), constraints={"dp": 2, "zero": 0} if rank == 0 else {"tp": 2})
     out["rank0_degrees"] = {k: dmodel.plan.degrees[k] for k in ("dp", "tp")}
     out["batched"] = (dmodel.batch.args, dmodel.batch.kwargs)
     out["half_batch"] = _raised(lambda: dmodel(*(a[:2] for a in args), **kwargs))
@@ -237,7 +284,8 @@ def _extras(rank, world) -> dict:
     full = make_plan(model, (args, kwargs), load_cluster("cpu", world), dtype="fp32",
                      fix={"dp": 2, "zero": 0, "microbatches": 1, "recompute": "full"})
     limit = full.predicted["peak_memory_bytes"] + 1024
-    tight = auto_parallelize(model, (args, kwargs), constraints={"dp": 2}, memory_limit=limit)
+    tight = auto_parallelize(model, (args, kwargs), constraints={"dp": 2, "zero": 0, "microbatches": 1},
+                             memory_limit=limit)
     ref2 = copy.deepcopy(ref)
     out["tight_plan"] = {"recompute": tight.plan.recompute, "chunking": tight.plan.chunking, "limit": limit,
                          "peak": tight.plan.predicted["peak_memory_bytes"],
@@ -279,6 +327,17 @@ def test_emit_matches_single_process(world, key):
                 continue
             if k == "recompute":
                 assert r["recompute"] == v and r["recomputed"], f"{where}: {r['recomputed']} regions recompute {r['recompute']}"
+                continue
+            if k == "zero":
+                assert r["degrees"]["zero"] == int(v), f"{where}: plan degrees {r['degrees']}"
+                assert r["fsdp_blocks"] == r["layers"], f"{where}: {r['fsdp_blocks']} of {r['layers']} blocks sharded alone"
+                assert r["adam_total_matches"] and r["adam_fraction"] <= 0.6, \
+                    f"{where}: Adam state not sharded over the replicas ({r['adam_fraction']:.2f} of it on this rank)"
+                assert r.get("zero_load", 0.0) <= TOL, f"{where}: after load_state_dict loss differs by {r['zero_load']:.3g}"
+                continue
+            if k == "microbatches":
+                assert r["microbatches"] == int(v), f"{where}: plan has {r['microbatches']} microbatches"
+                assert r["forward_refused"]["raised"] == "BadInput" and "module.step" in r["forward_refused"]["message"]
                 continue
             if k == "attention":
                 assert r["attention"] == v, f"{where}: plan attention {r['attention']}, asked for {v}"

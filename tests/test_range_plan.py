@@ -10,7 +10,7 @@ import pytest
 
 from planner.check import range_chart
 from planner.cli import main
-from planner.plan import Plan
+from planner.plan import Plan, _fmt_bytes, _fmt_secs
 from search.errors import BadInput
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -172,7 +172,7 @@ def test_range_accessor_and_point_plan(plan):
 
 def test_piece_for(plan):
     p = plan.piece_for(100000)
-    assert p.seq_len == 100000 and p.degrees == {"dp": 4, "tp": 1, "pp": 1, "sp": 2, "zero": 2}
+    assert p.seq_len == 100000 and p.degrees == plan.range["pieces"][1]["plan"]["degrees"]
     assert p.range is None and "case" not in p.to_dict()
     assert plan.piece_for(16383).degrees["tp"] == 4 and plan.piece_for(2048).seq_len == 2048
     assert plan.piece_for(16384).sequence_parallel["variant"] == "ring"
@@ -204,9 +204,12 @@ def test_explain_has_range_tables(plan):
     assert text.index("autopar plan:") < text.index("Range over S = 2048..1048576")
     lines = text.splitlines()
     row0 = next(line for line in lines if line.lstrip().startswith("2048..16383"))
-    assert row0.split()[1:6] == ["1", "2", "1", "4", "2"] and "7.1755 s" in row0 and "44.02 GiB" in row0
+    first, second = (plan.range["pieces"][i]["plan"] for i in (0, 1))  # the golden plans the pieces hold
+    assert row0.split()[1:6] == [str(first["degrees"][k]) for k in ("pp", "dp", "sp", "tp", "zero")]
+    assert _fmt_secs(first["predicted"]["step_time_s"]) in row0
+    assert _fmt_bytes(first["predicted"]["peak_memory_bytes"]) in row0
     row1 = next(line for line in lines if line.lstrip().startswith("16384..262143"))
-    assert "ring" in row1 and "29.375 ms" in row1
+    assert "ring" in row1 and _fmt_secs(second["predicted"]["step_time_s"]) in row1
     row2 = next(line for line in lines if line.lstrip().startswith("262144..1048576"))
     assert "no plan fits" in row2
     assert f"S = 262144..1048576: {REASON}" in text
