@@ -18,8 +18,9 @@ caches and memory bandwidth. Each rank runs with one thread, as the runtime does
 - gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median time of a 4-byte and a
   16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
   link, so inter_* = intra_*;
-- ``collective_factor``: a 16 MiB reduce-scatter and all-gather, measured over their ring-model time
-  (p−1)/p · n/B + (p−1)α (gloo reduce-scatters by an all-reduce: about 2; what ZeRO's price uses).
+- ``collective_factor``: the bandwidth term of a 16 MiB reduce-scatter and all-gather (measured time
+  minus (p−1)α) over the ring model's (p−1)/p · n/B (gloo reduce-scatters by an all-reduce: about 2;
+  what ZeRO's price uses).
 """
 from __future__ import annotations
 
@@ -231,6 +232,7 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
     launch = measure_kernel_launch()
     alpha, bw, raw = measure_ranks(ranks)
     world = max(2, ranks)
+    ring = (world - 1) / world * LARGE_BYTES / bw
     d = {
         "name": "cpu",
         "nodes": 1,
@@ -244,9 +246,8 @@ def measure_cpu_profile(ranks: int = 2) -> dict:
         "inter_latency": alpha,
         "compute_efficiency": min(1.0, raw["training_flops"] / peak),
         "kernel_launch_s": launch,
-        # gloo's reduce-scatter and all-gather against the ring model at the fitted link (16 MiB)
-        "collective_factor": {k: raw[k] / ((world - 1) / world * LARGE_BYTES / bw + (world - 1) * alpha)
-                              for k in ("reduce_scatter", "all_gather")},
+        # the bandwidth term of gloo's reduce-scatter and all-gather (16 MiB, lockstep) over the ring model's
+        "collective_factor": {k: max(raw[k] - (world - 1) * alpha, 0.0) / ring for k in ("reduce_scatter", "all_gather")},
     }
     Cluster.from_dict(d)  # validate before anyone caches it
     return d
