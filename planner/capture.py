@@ -385,7 +385,8 @@ class _GuardSites(logging.Handler):
 
     def __exit__(self, *exc) -> None:
         log = self.logger
-        log.level, log.propagate, log.handlers = self.saved
+        log.propagate, log.handlers = self.saved[1:]
+        log.setLevel(self.saved[0])  # setLevel, not assignment: it clears the loggers' isEnabledFor caches
 
 
 def _user_frames(frames) -> list:

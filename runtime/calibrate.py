@@ -73,9 +73,10 @@ def measure_matmul_flops(n: int = 512, reps: int = 7, inner: int = 4) -> float:
         torch.set_num_threads(old)
 
 
-def measure_training_flops(tokens: int = 256, hidden: int = 256, ffn: int = 1024, reps: int = 20) -> float:
+def measure_training_flops(tokens: int = 256, hidden: int = 256, ffn: int = 1024, seconds: float = 1.5) -> float:
     """FLOP/s one thread reaches on a transformer-shaped MLP, forward + backward (small shapes and
-    transposed backward GEMMs are slower than a square matmul)."""
+    transposed backward GEMMs are slower than a square matmul), over at least ``seconds`` (ranks that
+    share cores get time slices of a few ms: a short run measures the slicing, not the rate)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -86,8 +87,10 @@ def measure_training_flops(tokens: int = 256, hidden: int = 256, ffn: int = 1024
         for _ in range(2):
             net(x).sum().backward()
         t0 = time.perf_counter()  # throughput over the whole loop: time slices of shared cores average out
-        for _ in range(reps):
+        reps = 0
+        while time.perf_counter() - t0 < seconds:
             net(x).sum().backward()
+            reps += 1
         return flops * reps / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)

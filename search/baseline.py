@@ -324,16 +324,17 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     w = st.work
     share = global_batch / graph_batch / dp / sp  # this device's part of the captured batch's work
     per_sample = scale / graph_batch * micro / sp
-    compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, recompute)
+    compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, recompute,
+                                           sequence=c.megatron_sp)
     # the gradients of sequence-parallel ranks sum like data-parallel ones (ZeRO shards over both)
     dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.comm_bytes = tp_bytes + dp_bytes
-    if c.megatron_sp:  # boundary all-gathers per microbatch, norm-weight gradient all-reduce per step
-        grads = msp.grad_sums * DTYPE_BYTES[dtype]
+    if c.megatron_sp:  # boundary all-gathers per microbatch, one all-reduce per norm weight's gradient per step
+        grads, n = msp.grad_sums * DTYPE_BYTES[dtype], max(msp.grad_sum_count, 1)
         c.breakdown["tp_all_reduce"] += m * sum(cost.collective_time("all_gather", b * per_sample * sp, st.tp, cl,
                                                                      spans_nodes=tp_spans) for b in msp.gathers) \
-            + cost.collective_time("all_reduce", grads, st.tp, cl, spans_nodes=tp_spans)
+            + n * cost.collective_time("all_reduce", grads / n, st.tp, cl, spans_nodes=tp_spans)
         c.comm_bytes += m * sum(cost.bytes_sent_per_rank("all_gather", b * per_sample * sp, st.tp) for b in msp.gathers) \
             + cost.bytes_sent_per_rank("all_reduce", grads, st.tp)
     if sp > 1:

@@ -58,11 +58,12 @@ class Candidate:
 
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,
-              samples_scale: float, repeats: int, recompute: str) -> tuple[float, float, float]:
+              samples_scale: float, repeats: int, recompute: str, sequence: bool = False) -> tuple[float, float, float]:
     """(compute s, tp all-reduce s, tp bytes sent) of ``w`` for ``share`` of the captured batch, with
     the forward work ``recompute`` reruns (blocks under "full", attention cores under "selective");
     each all-reduce runs ``repeats`` times (once per microbatch) on its captured size ×
-    ``samples_scale`` bytes (microbatch size / captured batch, dtype-scaled)."""
+    ``samples_scale`` bytes (microbatch size / captured batch, dtype-scaled). Under Megatron-SP
+    (``sequence``) each all-reduce runs as a reduce-scatter and an all-gather (the same bytes)."""
     again_flops, again_bytes = {"none": (0.0, 0.0), "full": (w.block_fwd_flops, w.block_fwd_bytes),
                                 "selective": (w.core_fwd_flops, w.core_fwd_bytes)}[recompute]
     flops = (w.fwd_flops + w.bwd_flops + again_flops) * share
@@ -71,7 +72,8 @@ def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans:
     tp_time = tp_bytes = 0.0
     for nbytes, count in w.allreduces:
         b = nbytes * samples_scale
-        tp_time += count * repeats * cost.collective_time("all_reduce", b, tp, cl, spans_nodes=tp_spans)
+        kinds = ("reduce_scatter", "all_gather") if sequence else ("all_reduce",)
+        tp_time += count * repeats * sum(cost.collective_time(k, b, tp, cl, spans_nodes=tp_spans) for k in kinds)
         tp_bytes += count * repeats * cost.bytes_sent_per_rank("all_reduce", b, tp)
     return compute, tp_time, tp_bytes
 

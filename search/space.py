@@ -266,11 +266,13 @@ class MegatronSP:
     """What Megatron sequence parallelism changes in the full Megatron layout of a tp degree: the
     token-wise nodes between cones run on 1/tp of the sequence (``delta``), at the price of the
     boundary all-gathers (``gathers``: logical bytes) and the all-reduce of the gradients of the
-    replicated weights they read (``grad_sums``: parameter elements)."""
+    replicated weights they read (``grad_sums``: parameter elements, over ``grad_sum_count`` weights:
+    one all-reduce each)."""
 
     delta: Work
     gathers: tuple[float, ...]
     grad_sums: int
+    grad_sum_count: int
 
 
 def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
@@ -292,9 +294,9 @@ def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
             in_block = bool(node.meta["autopar"].scope)
             delta = delta + _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
     gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather])
-    grad_sums = sum(math.prod(mg.param_shapes.get(nodes[n].target, ())) for n in layout.seq_grad_sum
-                    if nodes[n].op == "get_attr")
-    return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums)
+    summed = [nodes[n] for n in layout.seq_grad_sum if nodes[n].op == "get_attr"]
+    grad_sums = sum(math.prod(mg.param_shapes.get(n.target, ())) for n in summed)
+    return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums, len(summed))
 
 
 def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool, core: frozenset) -> Work:
