@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import resource
 
 import pytest
@@ -190,3 +191,20 @@ def test_keyword_inputs_and_bad_example_sizes():
         capture_symbolic(*build("gpt-tiny", batch=1))
     with pytest.raises(BadInput, match="mask"):
         capture_symbolic(Masked(), (torch.randn(3, 5, 4),), {"mask": torch.ones(3, 6)})
+
+
+def test_capture_leaves_torch_logging_as_it_was():
+    """The guard-site recorder turns the ShapeEnv's INFO records on only while export runs: afterwards
+    torch's INFO logs (create_env, produce_guards) stay off, so the CLI prints none of them. A fresh
+    process: pytest's logging plugin resets the loggers' level caches between phases, hiding the bug."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from examples.zoo import build; from planner.capture import capture, capture_symbolic\n"
+            "capture_symbolic(*build('gpt-tiny', batch=2, seq=8), name='g')\n"
+            "capture(*build('gpt-tiny', batch=2, seq=8), name='g')\n"
+            "print(logging.getLogger('torch.fx.experimental.symbolic_shapes').isEnabledFor(logging.INFO))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parent.parent))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False" and "create_env" not in done.stderr, done.stderr[-2000:]
