@@ -11,6 +11,7 @@ from passes.chunk import apply_chunking
 from passes.dsp import apply_dsp
 from passes.sp import apply_sp
 from passes.tp import apply_tp
+from passes.zero import apply_zero_stages
 from runtime.mesh import Mesh
 from runtime.module import BatchSplit, DistributedModule
 from runtime.pipeline import PipelineModule, PipelineRunner
@@ -22,9 +23,10 @@ from search.seqshard import Unsupported
 def check_emittable(plan) -> None:
     """BadInput for plan features autopar prices but cannot run yet (before any group is built)."""
     deg = plan.degrees
-    if deg["pp"] > 1 and deg["zero"]:
-        raise BadInput(f"the plan pipelines over pp={deg['pp']} with ZeRO stage {deg['zero']}: autopar emits "
-                       "pipelines with plain data parallelism (zero=0) so far; re-plan with --fix zero=0 or --fix pp=1")
+    if deg["pp"] > 1 and deg["zero"] > 1:
+        raise BadInput(f"the plan pipelines over pp={deg['pp']} with ZeRO stage {deg['zero']}: pipelined "
+                       "microbatches accumulate whole gradients, so pipelines run ZeRO 0 or 1 (as the search "
+                       "plans them); re-plan with --fix zero=1 or --fix pp=1")
     if deg["pp"] > 1 and deg["sp"] > 1:
         raise BadInput(f"the plan pipelines over pp={deg['pp']} with sp={deg['sp']}: autopar emits sequence "
                        "parallelism without pipelining so far; re-plan with --fix sp=1 or --fix pp=1")
@@ -42,7 +44,8 @@ def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: 
     per step. Tensor parallelism is applied to the whole graph before the split: the stages hold this
     rank's shards and run the cone collectives, and a cut sends what the tp layout leaves there (the
     replicated residual stream between Megatron cones; its 1/tp sequence block under Megatron-SP).
-    Recompute applies per stage, to the blocks (``blocks``: their module scopes) or attention cores it holds."""
+    Recompute applies per stage, to the blocks (``blocks``: their module scopes) or attention cores it holds;
+    under ZeRO-1 each of this rank's stages (and each block in it) is an FSDP group over "dp"."""
     tp = plan.degrees["tp"]
     styles = {m: (v["style"], v["groups"]) for m, v in plan.tensor_parallel.items()}
     shards = propagate(gm, styles, tp, plan.megatron_sp).param_shards if tp > 1 else {}
@@ -58,8 +61,11 @@ def emit_pipeline(gm: fx.GraphModule, plan, cuts: list[str], mesh: Mesh, batch: 
                             group=mesh.group("pp"), all_pipelines=mesh.all_groups("pp"))
     module = PipelineModule(runner, plan, mesh, aliases, batch, param_shards=shards)
     if mesh.size("dp") > 1:
-        module.grad_sync = apply_dp(module, mesh.group("dp"), 0, [])
         module.dp_group = mesh.group("dp")
+        if plan.degrees["zero"]:  # FSDP on this rank's stages: the schedule reduce-scatters after the last backward
+            apply_zero_stages(stages, runner.ranks, runner.rank, mesh.group("dp"), plan.degrees["zero"], blocks)
+        else:
+            module.grad_sync = apply_dp(module, mesh.group("dp"), 0, [])
     return module
 
 

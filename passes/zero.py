@@ -28,8 +28,9 @@ from torch.distributed.fsdp import fully_shard
 from passes.outline import outline, region_io
 from passes.recompute import _scope_run
 from runtime.dp import ShardedGradSync
+from search.errors import BadInput
 
-__all__ = ["apply_zero", "own_block"]
+__all__ = ["apply_zero", "apply_zero_stages", "own_block"]
 
 
 def apply_zero(gm: fx.GraphModule, group, zero: int, blocks: list[str]) -> ShardedGradSync:
@@ -43,6 +44,27 @@ def apply_zero(gm: fx.GraphModule, group, zero: int, blocks: list[str]) -> Shard
         fully_shard(gm.get_submodule(scope), mesh=mesh, reshard_after_forward=zero == 3)
     fully_shard(gm, mesh=mesh, reshard_after_forward=zero == 3)
     return ShardedGradSync(gm, zero, owned)
+
+
+def apply_zero_stages(stages: list[fx.GraphModule], ranks: list[int], rank: int, group, zero: int,
+                      blocks: list[str]) -> None:
+    """ZeRO-1 on the pipeline stages ``rank`` holds (``ranks``: every stage's pipeline rank): each stage,
+    and each block in it, an FSDP group over ``group``. torch.distributed.pipelining drives FSDP stages
+    as ZeRO-1 wants: gradients accumulate unsharded and parameters stay gathered until the step's last
+    backward, then reduce-scatter. Every rank checks every stage first, so all raise alike."""
+    if zero != 1:
+        raise BadInput(f"ZeRO stage {zero} with pipelining: pipelined microbatches accumulate whole gradients, "
+                       "so pipelines run ZeRO 0 or 1 (as the search plans them); re-plan with --fix zero=1")
+    owner: dict[tuple[int, int], int] = {}
+    for i, stage in enumerate(stages):
+        for name, t in stage.named_parameters():
+            if owner.setdefault((id(t), ranks[i]), i) != i:
+                raise BadInput(f"parameter {name} is held by two pipeline stages on one rank (a tied weight); "
+                               "ZeRO cannot shard it twice: re-plan with --fix zero=0, or a schedule that puts "
+                               "the first and last stages on different ranks (gpipe, 1f1b, interleaved)")
+    for stage, r in zip(stages, ranks):
+        if r == rank:
+            apply_zero(stage, group, zero, blocks)
 
 
 def own_block(gm: fx.GraphModule, scope: str) -> bool:

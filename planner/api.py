@@ -394,9 +394,10 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     A piecewise plan (``make_plan(..., seq_len=(lo, hi))``) runs the piece that holds the inputs'
     sequence length (or global batch, for a batch range).
 
-    Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``) for dp × tp plans, or for a
-    pipelined plan (pp > 1, with dp and tp; zero = 0 so far) a ``PipelineModule`` whose
-    ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
+    Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``, or ``loss = m.step(*inputs)``:
+    forward and backward of every microbatch, required when the plan accumulates gradients) for plans
+    without a pipeline, ZeRO 0-3 included, or for a pipelined plan (pp > 1, with dp, tp and ZeRO 0-1) a
+    ``PipelineModule`` whose ``loss = m.step(*inputs)`` runs forward and backward of all microbatches. Without a plan, pp=1 is
     pinned unless ``constraints`` ask for a pipeline, e.g. ``{"pp": 2, "dp": 1, "tp": 1, "microbatches": 4,
     "schedule": "1f1b"}``. Recompute (selective or full) is chosen when memory binds.
     """
@@ -424,7 +425,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         mg = capture(model, *first(*batch(args, kwargs)), name=plan.model["name"])
         folding = fold_graph(mg)
         cuts = [folding.regions[st["regions"][0]].nodes[0] for st in plan.pipeline["stages"][1:]]
-        blocks = block_scopes(mg, folding) if plan.recompute == "full" else []
+        blocks = block_scopes(mg, folding) if plan.recompute == "full" or deg["zero"] else []
         return emit_pipeline(mg.gm, plan, cuts, mesh, batch, blocks)
     first = batch.microbatches(plan.pipeline["microbatches"])[0]  # gradient accumulation: one microbatch
     mg = capture(model, *first.replica(*batch.replica(args, kwargs)), name=plan.model["name"])

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.microbatch import TensorChunkSpec, _Replicate
 from torch.distributed.pipelining.schedules import (
@@ -86,7 +87,7 @@ class PipelineRunner:
         self.stages = stages
         self.local = [PipelineStage(stages[s], s, len(stages), _device(stages[s]), group=group)
                       for s in range(len(stages)) if self.ranks[s] == self.rank]
-        self.tied = self._tied_groups()
+        self._tied = self._tied_groups()
         self._schedule = None
         self._chunking = None
 
@@ -104,6 +105,10 @@ class PipelineRunner:
         losses: list[torch.Tensor] = []
         self._schedule.step(target=torch.zeros(self.microbatches), losses=losses, return_outputs=False, **roots)
         for (p, grp), old in zip(self.tied, before):
+            if isinstance(p.grad, DTensor):  # ZeRO: every holder keeps the same part of the gradient
+                local, before_local = p.grad.to_local(), old.to_local()
+                local.copy_(before_local + all_reduce(local - before_local, grp))
+                continue
             delta = all_reduce(p.grad - old if p.grad is not None else -old, grp)
             p.grad = old + delta
         loss = torch.stack(losses).sum().detach() if losses else torch.zeros((), dtype=torch.float32)
@@ -148,16 +153,26 @@ class PipelineRunner:
                        f"shape {tuple(captured.shape)}: {m} microbatches need a batch of {rows * m} "
                        "(capture at batch / microbatches)")
 
-    def _tied_groups(self) -> list[tuple[torch.nn.Parameter, object]]:
-        """(parameter, group of the ranks holding it) for each parameter held on more than one rank."""
-        owners: dict[int, tuple[torch.nn.Parameter, set[int]]] = {}
+    @property
+    def tied(self) -> list[tuple[torch.nn.Parameter, object]]:
+        """(parameter, group of the ranks holding it) for each parameter held on more than one rank, as
+        this rank's stages hold it now (ZeRO replaces the parameters after the runner is built)."""
+        return [(self.stages[s].get_parameter(name), group) for s, name, group in self._tied]
+
+    def _tied_groups(self) -> list[tuple[int, str, object]]:
+        """(local stage, parameter name, group of the ranks holding it) for each parameter held on more
+        than one rank."""
+        owners: dict[int, tuple[tuple[int, str] | None, set[int]]] = {}
         for s, stage in enumerate(self.stages):
-            for p in stage.parameters():
+            for name, p in stage.named_parameters():
                 if p.requires_grad:
-                    owners.setdefault(id(p), (p, set()))[1].add(self.ranks[s])
+                    entry = owners.setdefault(id(p), (None, set()))
+                    entry[1].add(self.ranks[s])
+                    if entry[0] is None and self.ranks[s] == self.rank:
+                        owners[id(p)] = ((s, name), entry[1])
         me = dist.get_rank()
         groups, tied = {}, []
-        for p, ranks in owners.values():  # same order on every rank: stage order, then parameter order
+        for held, ranks in owners.values():  # same order on every rank: stage order, then parameter order
             if len(ranks) < 2:
                 continue
             key = tuple(sorted(ranks))
@@ -170,7 +185,7 @@ class PipelineRunner:
                         mine = made
                 groups[key] = mine
             if self.rank in ranks:
-                tied.append((p, groups[key]))
+                tied.append((*held, groups[key]))
         return tied
 
 
@@ -252,12 +267,13 @@ class PipelineModule(torch.nn.Module):
     def step(self, *args, **kwargs) -> torch.Tensor:
         if self.batch is not None:
             args, kwargs = self.batch(args, kwargs)
-        if self.grad_sync is None:
-            return self.runner.step(*args, **kwargs)
-        with self.grad_sync.no_sync():
+        if self.grad_sync is None:  # no dp, or ZeRO (FSDP stages: the schedule reduce-scatters)
             loss = self.runner.step(*args, **kwargs)
-        self.grad_sync.sync()
-        return all_reduce_mean_scalar(loss, self.dp_group)
+        else:
+            with self.grad_sync.no_sync():
+                loss = self.runner.step(*args, **kwargs)
+            self.grad_sync.sync()
+        return loss if self.dp_group is None else all_reduce_mean_scalar(loss, self.dp_group)
 
     def forward(self, *args, **kwargs):
         raise BadInput("a pipelined module runs forward and backward together: call loss = module.step(*inputs), "
@@ -285,6 +301,8 @@ class PipelineModule(torch.nn.Module):
         pipeline; loads into the plain model or into a module emitted from another plan."""
         local = {}
         for name, t in self.state_dict().items():
+            if isinstance(t, DTensor):  # ZeRO: gather the data-parallel parts
+                t = t.full_tensor()
             if name in self.param_shards:
                 t = unshard(t, *self.param_shards[name], self.mesh.group("tp"))
             local[name] = t.detach().clone()

@@ -14,12 +14,16 @@ split itself, the name checks and the wave order are checked in-process.
 from __future__ import annotations
 
 import copy
+import json
 import time
+from pathlib import Path
 
 import pytest
 
 from passes.pipeline import split_stages
 from tests.distributed import full_state_check, launch_once, loss_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TOL = 1e-5
 BATCH = 8
@@ -169,38 +173,58 @@ def _bad_inputs(rank, world) -> dict:
 AUTO_SCHEDULES = ("1f1b", "zbv")
 
 
+def _raised(fn) -> dict:
+    """What ``fn()`` raised, as plain data for the parent."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}
+
+
 def _auto_parallelize_cases(world: int) -> dict:
     """The planner's pipeline plans (stage cuts from the search) emitted by auto_parallelize: pp=2 on
     2 ranks, pp=2 × dp=2 on 4."""
-    import json
 
     from planner.api import auto_parallelize, load_cluster, make_plan
     from planner.plan import Plan
 
+    from torch.distributed.tensor import DTensor
+
     out = {}
-    for schedule in AUTO_SCHEDULES:
+    dp = world // 2
+    for schedule, zero in [(s, 0) for s in AUTO_SCHEDULES] + ([("1f1b", 1)] if dp > 1 else []):
         model, args, kwargs = _build("gpt-tiny")
         ref = copy.deepcopy(model)
         ref_loss = loss_of(ref(*args, **kwargs))
         ref_loss.backward()
-        dp = world // 2
-        fix = {"pp": 2, "dp": dp, "tp": 1, "zero": 0, "microbatches": 4 // dp, "schedule": schedule,
+        fix = {"pp": 2, "dp": dp, "tp": 1, "zero": zero, "microbatches": 4 // dp, "schedule": schedule,
                "recompute": "none"}
         plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", world), dtype="fp32", fix=fix)
         pmodel = auto_parallelize(model, (args, kwargs), plan=Plan.from_json(plan.to_json()))
         loss = pmodel.step(*args, **kwargs)
         ref_params = dict(ref.named_parameters(remove_duplicate=False))
         names = [n for n, _ in pmodel.named_parameters()]
-        worst = max(((p.grad - ref_params[n].grad).abs().max().item() if p.grad is not None else float("inf"))
-                    for n, p in pmodel.named_parameters())
+        grads = {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in pmodel.named_parameters()}
+        worst = max(((g - ref_params[n].grad).abs().max().item() if g is not None else float("inf"))
+                    for n, g in grads.items())
         try:
             pmodel(*args, **kwargs)
             forward = None
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             forward = f"{type(exc).__name__}: {exc}"
-        out[schedule] = {"loss": abs(loss.item() - ref_loss.item()), "grad": worst,
-                         "unknown_names": [n for n in names if n not in ref_params], "names": names,
-                         "stages": json.loads(plan.to_json())["pipeline"]["stages"], "forward": forward}
+        out[schedule + (f"/zero{zero}" if zero else "")] = {
+            "loss": abs(loss.item() - ref_loss.item()), "grad": worst, "zero": plan.degrees["zero"],
+            "sharded": sum(isinstance(p, DTensor) for _, p in pmodel.named_parameters()),
+            "unknown_names": [n for n in names if n not in ref_params], "names": names,
+            "stages": json.loads(plan.to_json())["pipeline"]["stages"], "forward": forward}
+        if zero:  # the whole model back from the stages' parts, and a tied weight the V puts twice on a rank
+            fresh, _, _ = _build("gpt-tiny")
+            out[schedule + "/zero1"].update(full_state_check(fresh, pmodel.full_state_dict(), args, kwargs, ref_loss))
+            fix["schedule"] = "zbv"
+            model, args, kwargs = _build("gpt-tiny")
+            zbv = make_plan(model, (args, kwargs), load_cluster("a100-80g", world), dtype="fp32", fix=fix)
+            out["zbv/zero1"] = _raised(lambda: auto_parallelize(model, (args, kwargs), plan=zbv))
     return out
 
 
@@ -220,7 +244,6 @@ def _tp_key(case) -> str:
 
 def _pp_tp_case(world: int, case) -> dict:
     """One pipelined tensor-parallel plan emitted by auto_parallelize vs the single-process model."""
-    import json
 
     from passes.recompute import Recomputed
     from passes.tp import shard_tensor
@@ -529,16 +552,27 @@ def test_pipeline_with_tensor_parallelism_matches_single_process(case):
         assert r["full_state_loss"] <= TOL, f"{where}: full_state_dict model loss differs by {r['full_state_loss']:.3g}"
 
 
-def test_pipelined_zero_is_refused_before_any_group():
+def test_pipelined_zero1_matches_single_process():
+    """pp=2 × dp=2 under ZeRO-1: FSDP stages (one group per block), driven by torch's schedule."""
+    r0, *rest = [r["auto"] for r in _results(4)]
+    for rank, r in enumerate([r0, *rest]):
+        z = r["1f1b/zero1"]
+        assert z["zero"] == 1 and z["sharded"] == len(z["names"]), f"rank {rank}: {z['sharded']} of {len(z['names'])} sharded"
+        assert z["loss"] <= TOL and z["grad"] <= TOL, f"rank {rank}: loss {z['loss']:.3g}, grad {z['grad']:.3g}"
+        assert z["full_state_error"] is None and z["full_state_loss"] <= TOL, z
+        # zbv puts the first and last stage on rank 0: the tied embedding would be sharded twice
+        assert r["zbv/zero1"]["raised"] == "BadInput" and "tied weight" in r["zbv/zero1"]["message"], r["zbv/zero1"]
+
+
+def test_pipelined_zero2_is_refused_before_any_group():
     from passes.emit import check_emittable
-    from planner.api import load_cluster, make_plan
+    from planner.plan import Plan
     from search.errors import BadInput
 
-    model, args, kwargs = _build("gpt-tiny")
-    fix = {"pp": 2, "dp": 2, "tp": 1, "zero": 1, "microbatches": 4, "schedule": "1f1b", "recompute": "none"}
-    plan = make_plan(model, (args, kwargs), load_cluster("a100-80g", 4), dtype="fp32", fix=fix)
-    with pytest.raises(BadInput, match="ZeRO stage 1.*--fix zero=0"):
-        check_emittable(plan)
+    plan = json.loads(next((ROOT / "tests" / "golden").glob("gpt2-small_a100_4_pp4_1f1b.json")).read_text())
+    plan["degrees"]["zero"] = 2  # the search plans pipelines with ZeRO 0 or 1 only; a hand-edited plan
+    with pytest.raises(BadInput, match="ZeRO stage 2.*--fix zero=1"):
+        check_emittable(Plan.from_dict(plan))
 
 
 def test_measured_activation_memory_follows_the_schedule_model():
