@@ -24,7 +24,7 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "free_port"]
+__all__ = ["run_ranks", "free_port", "raised"]
 
 
 def free_port() -> int:
@@ -164,3 +164,12 @@ def full_state_check(fresh, full: dict, args: tuple, kwargs: dict, ref_loss) -> 
                     "full_state_error": None}
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         return {"full_state_loss": float("inf"), "full_state_error": f"{type(exc).__name__}: {exc}"[:800]}
+
+
+def raised(fn) -> dict:
+    """What ``fn()`` raised, as plain data for the parent: {"raised": exception class name or None, "message"}."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None, "message": ""}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import free_port, full_state_check, launch_once, loss_of
+from tests.distributed import free_port, full_state_check, launch_once, loss_of, raised
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -103,7 +103,7 @@ def _check_case(spec: str, cons: dict) -> dict:
            "recomputed": sum(isinstance(m, Recomputed) for m in dmodel.modules())}
 
     if dmodel.microbatches > 1:  # forward and backward of every microbatch
-        res["forward_refused"] = _raised(lambda: dmodel(*args, **kwargs))
+        res["forward_refused"] = raised(lambda: dmodel(*args, **kwargs))
         loss = dmodel.step(*args, **kwargs)
     else:
         loss = loss_of(dmodel(*args, **kwargs))
@@ -241,15 +241,6 @@ def _bad_input(world):
     return {"raised": None, "message": "", "plan_devices": plan.cluster["devices"]}
 
 
-def _raised(fn) -> dict:
-    """What ``fn()`` raised, as plain data for the parent."""
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None, "message": ""}
-
-
 def _extras(rank, world) -> dict:
     """gpt-tiny on 2 ranks: rank 0 plans, batched inputs, load_state_dict, a tight memory limit."""
     import torch
@@ -264,13 +255,13 @@ def _extras(rank, world) -> dict:
     dmodel = auto_parallelize(model, (args, kwargs), constraints={"dp": 2, "zero": 0} if rank == 0 else {"tp": 2})
     out["rank0_degrees"] = {k: dmodel.plan.degrees[k] for k in ("dp", "tp")}
     out["batched"] = (dmodel.batch.args, dmodel.batch.kwargs)
-    out["half_batch"] = _raised(lambda: dmodel(*(a[:2] for a in args), **kwargs))
+    out["half_batch"] = raised(lambda: dmodel(*(a[:2] for a in args), **kwargs))
 
     # load_state_dict: assign=True (would replace the parameters) is refused; a copying load of new
     # weights keeps the gradients averaged over dp
     with torch.no_grad():
         new = {k: v * 1.5 for k, v in ref.state_dict().items()}
-    out["assign"] = _raised(lambda: dmodel.load_state_dict(new, assign=True))
+    out["assign"] = raised(lambda: dmodel.load_state_dict(new, assign=True))
     ref.load_state_dict(new)
     dmodel.load_state_dict(new)
     loss_of(ref(*args, **kwargs)).backward()
@@ -292,7 +283,7 @@ def _extras(rank, world) -> dict:
                          "loss": abs(loss_of(tight(*args, **kwargs)).item() - loss_of(ref2(*args, **kwargs)).item())}
 
     # rank 0's planning error reaches every rank (rank 1 alone would find a plan)
-    out["rank0_error"] = _raised(lambda: auto_parallelize(model, (args, kwargs),
+    out["rank0_error"] = raised(lambda: auto_parallelize(model, (args, kwargs),
                                                           memory_limit=1.0 if rank == 0 else None))
     return out
 

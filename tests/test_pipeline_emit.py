@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from passes.pipeline import split_stages
-from tests.distributed import full_state_check, launch_once, loss_of
+from tests.distributed import full_state_check, launch_once, loss_of, raised
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,7 @@ def _bad_inputs(rank, world) -> dict:
     stages = split_stages(gm, _cuts(folding, (1, 1)))
     out = {}
 
-    def raised(fn):
+    def message_of(fn):
         try:
             fn()
         except BadInput as exc:
@@ -164,28 +164,18 @@ def _bad_inputs(rank, world) -> dict:
             return f"not BadInput: {type(exc).__name__}: {exc}"
         return None
 
-    out["rows"] = raised(lambda: PipelineRunner(stages, "1f1b", 4).step(ids[:6], tgt[:6]))
-    out["stage_count"] = raised(lambda: PipelineRunner(stages, "zbv", 4))
-    out["too_few_mb"] = raised(lambda: PipelineRunner(stages, "1f1b", 1).step(ids[:2], tgt[:2]))
+    out["rows"] = message_of(lambda: PipelineRunner(stages, "1f1b", 4).step(ids[:6], tgt[:6]))
+    out["stage_count"] = message_of(lambda: PipelineRunner(stages, "zbv", 4))
+    out["too_few_mb"] = message_of(lambda: PipelineRunner(stages, "1f1b", 1).step(ids[:2], tgt[:2]))
     return out
 
 
 AUTO_SCHEDULES = ("1f1b", "zbv")
 
 
-def _raised(fn) -> dict:
-    """What ``fn()`` raised, as plain data for the parent."""
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None, "message": ""}
-
-
 def _auto_parallelize_cases(world: int) -> dict:
     """The planner's pipeline plans (stage cuts from the search) emitted by auto_parallelize: pp=2 on
     2 ranks, pp=2 × dp=2 on 4."""
-
     from planner.api import auto_parallelize, load_cluster, make_plan
     from planner.plan import Plan
 
@@ -224,7 +214,7 @@ def _auto_parallelize_cases(world: int) -> dict:
             fix["schedule"] = "zbv"
             model, args, kwargs = _build("gpt-tiny")
             zbv = make_plan(model, (args, kwargs), load_cluster("a100-80g", world), dtype="fp32", fix=fix)
-            out["zbv/zero1"] = _raised(lambda: auto_parallelize(model, (args, kwargs), plan=zbv))
+            out["zbv/zero1"] = raised(lambda: auto_parallelize(model, (args, kwargs), plan=zbv))
     return out
 
 
