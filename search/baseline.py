@@ -228,12 +228,9 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                 if recompute == "selective" and (pp > 1 or sequence[0] > 1 or not space.base.act_core):
                     continue  # attention cores: not in pipeline stages yet, replaced by the sp kernel
                 if pp == 1:
-                    seq_msp = msp(mg) if sequence[0] == 1 else None
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
-                                    global_batch, mg.batch_size, limit, sequence)
-                    out.append(_chunked(select(space, partial(price, seq_msp), limit), regions, cluster, dtype, limit))
-                    if seq_msp is not None:  # the ILP's full layout has Megatron-SP: price it without too
-                        out.append(_chunked(price(None, space.all_sharded()), regions, cluster, dtype, limit))
+                                    global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
+                    out.append(_chunked(select(space, price, limit), regions, cluster, dtype, limit))
                     continue
                 key = ("regions", micro, recompute)
                 if key not in cache:

@@ -54,7 +54,7 @@ class Candidate:
 
     def key(self):
         return (self.pp, self.dp, self.sp_degree, self.tp, self.zero, self.microbatch_size, self.recompute,
-                self.schedule, self.megatron_sp)
+                self.schedule)
 
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,
