@@ -1,5 +1,5 @@
-"""Outline a region of an fx graph into a submodule call (shared by ``passes.chunk`` and
-``passes.recompute``).
+"""Outline a region of an fx graph into a submodule call (shared by ``passes.chunk``,
+``passes.recompute`` and ``passes.zero``), and find a block's region again by module scope (``scope_run``).
 
 A region is a list of call nodes of ``gm``. Its inputs are the values it reads from outside (parameters
 included: ``get_attr`` nodes become arguments, so gradients flow through whatever runs the body); its
@@ -74,6 +74,21 @@ def common_scope(region: list[fx.Node]) -> str:
     """The longest module path every node of ``region`` that has one lies in ("" if none)."""
     paths = [s.split(".") for s in map(_scope, region) if s]
     return ".".join(os.path.commonprefix(paths)) if paths else ""
+
+
+def scope_run(gm: fx.GraphModule, scope: str) -> list[fx.Node]:
+    """The call nodes from the first to the last node of module ``scope`` (and its children)."""
+    run, last = [], None
+    for n in gm.graph.nodes:
+        if n.op not in ("call_function", "call_module"):
+            continue
+        run.append(n)
+        s = _scope(n)
+        if s == scope or s.startswith(scope + "."):
+            last = len(run)
+        elif last is None:
+            run.clear()
+    return run[:last] if last else []
 
 
 def free_name(gm: fx.GraphModule, base: str) -> str:

@@ -24,8 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import checkpoint
 
-from passes.outline import copy_body, outline, region_io
-from search.chunkflow import _scope
+from passes.outline import copy_body, outline, region_io, scope_run
 from search.errors import BadInput
 from search.recompute import RECOMPUTE, attention_cores
 
@@ -50,7 +49,7 @@ def apply_recompute(gm: fx.GraphModule, recompute: str, blocks: list[str], *, re
     if recompute == "none":
         return gm
     if recompute == "full":
-        regions = [(scope, _scope_run(gm, scope)) for scope in blocks]
+        regions = [(scope, scope_run(gm, scope)) for scope in blocks]
         regions = [(scope, run) for scope, run in regions if run]
         if not regions and required:
             raise BadInput(f"recompute=full but none of the blocks {blocks[:3]} is in this graph: was the plan "
@@ -67,18 +66,3 @@ def apply_recompute(gm: fx.GraphModule, recompute: str, blocks: list[str], *, re
                 "recomputed_" + label.replace(".", "_"))
     gm.recompile()
     return gm
-
-
-def _scope_run(gm: fx.GraphModule, scope: str) -> list[fx.Node]:
-    """The call nodes from the first to the last node of module ``scope`` (and its children)."""
-    run, last = [], None
-    for n in gm.graph.nodes:
-        if n.op not in ("call_function", "call_module"):
-            continue
-        run.append(n)
-        s = _scope(n)
-        if s == scope or s.startswith(scope + "."):
-            last = len(run)
-        elif last is None:
-            run.clear()
-    return run[:last] if last else []

@@ -25,8 +25,7 @@ import torch.fx as fx
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
-from passes.outline import outline, region_io
-from passes.recompute import _scope_run
+from passes.outline import outline, region_io, scope_run
 from runtime.dp import ShardedGradSync
 from search.errors import BadInput
 
@@ -51,10 +50,8 @@ def apply_zero_stages(stages: list[fx.GraphModule], ranks: list[int], rank: int,
     """ZeRO-1 on the pipeline stages ``rank`` holds (``ranks``: every stage's pipeline rank): each stage,
     and each block in it, an FSDP group over ``group``. torch.distributed.pipelining drives FSDP stages
     as ZeRO-1 wants: gradients accumulate unsharded and parameters stay gathered until the step's last
-    backward, then reduce-scatter. Every rank checks every stage first, so all raise alike."""
-    if zero != 1:
-        raise BadInput(f"ZeRO stage {zero} with pipelining: pipelined microbatches accumulate whole gradients, "
-                       "so pipelines run ZeRO 0 or 1 (as the search plans them); re-plan with --fix zero=1")
+    backward, then reduce-scatter (``check_emittable`` refuses ZeRO-2/3 with pipelines). Every
+    rank checks every stage first, so all raise alike."""
     owner: dict[tuple[int, int], int] = {}
     for i, stage in enumerate(stages):
         for name, t in stage.named_parameters():
@@ -73,7 +70,7 @@ def own_block(gm: fx.GraphModule, scope: str) -> bool:
     caller recompiles. False (``gm`` untouched) when that cannot keep every name: no module at
     ``scope``, a tensor of it read outside the run, not read at all or tied to one outside it, a
     nested module call, or a called module with parameters that other nodes call too."""
-    run = _scope_run(gm, scope)
+    run = scope_run(gm, scope)
     try:
         holder = gm.get_submodule(scope)
     except AttributeError:
