@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 
 def init_weights(module: nn.Module) -> None:
-    """GPT-2 style init: N(0, 0.02) for linear and embedding weights, zero biases (use with ``Module.apply``)."""
+    """GPT-2 style init: N(0, 0.02) for linear and embedding weights, zero biases (use with ``Module.apply``);
+    nothing on the meta device, where there are no values (a 175B model is built for planning in a blink)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.is_meta:
+        return
     if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if module.bias is not None:

@@ -103,7 +103,7 @@ class GPT(nn.Module):
         self.apply(init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * layers)
         std = 0.02 / (2 * cfg.layers) ** 0.5
-        for block in self.blocks:
+        for block in self.blocks if not self.lm_head.weight.is_meta else ():
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
 

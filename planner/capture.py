@@ -151,7 +151,11 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: dict | N
         raise CaptureError(_explain_export_failure(model, exc)) from None
     if printed.getvalue():
         sys.stderr.write(printed.getvalue())
-    return _without_guards(ep.module())
+    # no input checks: the graph describes the model at the captured shapes, and the passes change
+    # them (a sequence-parallel rank sees a part of every sequence)
+    gm = ep.module(check_guards=False)
+    gm.validate_inputs = False
+    return gm
 
 
 def _model_graph(gm: fx.GraphModule, name: str, batch, seq) -> ModelGraph:
@@ -160,15 +164,6 @@ def _model_graph(gm: fx.GraphModule, name: str, batch, seq) -> ModelGraph:
     param_dtypes = {k: _dtype_name(v.dtype) for k, v in params.items()}
     return ModelGraph(gm=gm, name=name, param_shapes=param_shapes, param_dtypes=param_dtypes,
                       layers=_count_layers(param_shapes), batch_size=batch, seq_len=seq)
-
-
-def _without_guards(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop the export's input-shape guard: the graph describes the model at the captured shapes, and
-    the passes change them (a sequence-parallel rank sees a part of every sequence)."""
-    for guard in gm.graph.find_nodes(op="call_module", target="_guards_fn"):
-        gm.graph.erase_node(guard)
-    gm.recompile()
-    return gm
 
 
 def annotate(gm: fx.GraphModule, number=int) -> None:
