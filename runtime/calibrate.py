@@ -15,8 +15,13 @@ caches and memory bandwidth. Each rank runs with one thread, as the runtime does
   backward of an element-wise op and of a matmul on [4096, 256] run as 64 slices vs as one op,
   (sliced - whole) / (2 × 63 launches) (one launch forward, one backward), the mean of the two ops
   (what activation chunking's time model charges per chunk and kernel);
-- gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median time of a 4-byte and a
-  16 MiB message, fitted to the ring model T(n) = 2(p−1)/p · n/B + 2(p−1)α. One machine has one
+- gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median times of the message sizes
+  training sends (``FIT_BYTES``: a 512 KiB activation and a 16 MiB gradient bucket), fitted to the ring
+  model T(n) = 2(p−1)/p · n/B + 2(p−1)α (least squares in relative error: exact through two sizes).
+  Not through a 4-byte message: with
+  more ranks than cores, a rank blocked in a receive waits to be scheduled again, so every message
+  from a few KiB up costs a floor of milliseconds that a 4-byte one (0.6–0.8 ms) does not show (4
+  ranks on 2 cores: 16 KiB to 1 MiB all take 4–5 ms; 2 ranks: 0.3–0.8 ms). One machine has one
   link, so inter_* = intra_*;
 - ``collective_factor``: the bandwidth term of a 16 MiB reduce-scatter and all-gather (measured time
   minus (p−1)α) over the ring model's (p−1)/p · n/B (gloo reduce-scatters by an all-reduce: about 2;
@@ -41,8 +46,8 @@ import torch
 
 from search.cluster import Cluster, cpu_cache_path
 
-SMALL_BYTES = 4
 LARGE_BYTES = 16 * 1024 * 1024
+FIT_BYTES = (512 * 1024, LARGE_BYTES)  # all-reduce sizes α and B fit: a tp activation, a gradient bucket
 
 
 def _median_time(fn, reps: int) -> float:
@@ -156,7 +161,8 @@ def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
         result = {}
         big = torch.ones(LARGE_BYTES // 4)
         part = torch.ones(LARGE_BYTES // 4 // world)
-        runs = (("small", torch.ones(1), dist.all_reduce, 30), ("large", big, dist.all_reduce, 7),
+        runs = tuple((f"all_reduce {n}", torch.ones(n // 4), dist.all_reduce, 7 if n >= 2**22 else 21)
+                     for n in FIT_BYTES) + (
                 ("reduce_scatter", big, lambda x: dist.reduce_scatter_tensor(part, x), 7),
                 ("all_gather", part, lambda x: dist.all_gather_into_tensor(big, x), 7))
         for label, buf, op, reps in runs:
@@ -174,24 +180,30 @@ def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
         dist.barrier()
         membw = measure_memory_bandwidth()
         # the slowest rank bounds a step: max of times, min of rates
-        labels = ("small", "large", "reduce_scatter", "all_gather")
+        labels = tuple(result)
         t = torch.tensor([result[k] for k in labels] + [-flops, -membw], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if rank == 0:
             Path(out_path).write_text(json.dumps({**{k: t[i].item() for i, k in enumerate(labels)},
-                                                  "training_flops": -t[4].item(), "memory_bandwidth": -t[5].item()}))
+                                                  "training_flops": -t[-2].item(), "memory_bandwidth": -t[-1].item()}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def fit_alpha_beta(p: int, n0: float, t0: float, n1: float, t1: float) -> tuple[float, float]:
-    """Fit (α, B) of the ring all-reduce model to two (bytes, seconds) points."""
-    c = 2 * (p - 1) / p
-    slope = (t1 - t0) / (n1 - n0)
-    bw = c / slope if slope > 0 else c * n1 / t1
-    alpha = (t0 - c * n0 / bw) / (2 * (p - 1))
-    return max(alpha, 1e-7), bw
+def fit_alpha_beta(p: int, points: dict[int, float]) -> tuple[float, float]:
+    """(α, B) of the ring all-reduce model T(n) = 2(p−1)α + 2(p−1)/p · n/B fitted to ``points``
+    {bytes: seconds} by least squares in relative error (each point weighs 1/T²)."""
+    w = {n: 1 / t ** 2 for n, t in points.items()}
+    s0, s1, s2 = sum(w.values()), sum(w[n] * n for n in w), sum(w[n] * n * n for n in w)
+    r0, r1 = sum(w[n] * t for n, t in points.items()), sum(w[n] * n * t for n, t in points.items())
+    slope = (s0 * r1 - s1 * r0) / (s0 * s2 - s1 * s1)
+    if slope <= 0:  # flat timings: all of it bandwidth at the largest size
+        n, t = max(points.items())
+        slope, intercept = t / n, 0.0
+    else:
+        intercept = (r0 - slope * s1) / s0
+    return max(intercept / (2 * (p - 1)), 1e-7), 2 * (p - 1) / p / slope
 
 
 def measure_ranks(ranks: int = 2) -> tuple[float, float, dict]:
@@ -212,7 +224,7 @@ def measure_ranks(ranks: int = 2) -> tuple[float, float, dict]:
             else:
                 os.environ["OMP_NUM_THREADS"] = old
         raw = json.loads(Path(out).read_text())
-    alpha, bw = fit_alpha_beta(world, SMALL_BYTES, raw["small"], LARGE_BYTES, raw["large"])
+    alpha, bw = fit_alpha_beta(world, {n: raw[f"all_reduce {n}"] for n in FIT_BYTES})
     return alpha, bw, raw
 
 

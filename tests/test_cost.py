@@ -256,6 +256,26 @@ def test_cpu_missing_cache_says_calibrate(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- real calibration
+def test_alpha_beta_fit():
+    """The ring model's α and B come back exactly from timings it generated (at the calibration's sizes
+    and at any others); timings off the model are fitted in relative error."""
+    from runtime.calibrate import FIT_BYTES, fit_alpha_beta
+
+    p, alpha, bw = 4, 2e-4, 5e8
+
+    def ring(n, a=alpha, b=bw):
+        return 2 * (p - 1) * a + 2 * (p - 1) / p * n / b
+
+    for sizes in (FIT_BYTES, (2 ** 10, 2 ** 16, 2 ** 20, 2 ** 24)):
+        a, b = fit_alpha_beta(p, {n: ring(n) for n in sizes})
+        assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(bw, rel=1e-9)
+    floored = {n: max(ring(n), 4e-3) for n in (2 ** 16, 2 ** 19, 2 ** 22, 2 ** 24)}  # a 4 ms floor
+    a, b = fit_alpha_beta(p, floored)
+    worst = max(abs(ring(n, a, b) / t - 1) for n, t in floored.items())
+    assert worst < 0.3 and a > 2 * alpha  # the floor raises the latency
+    assert fit_alpha_beta(p, {1: 1.0, 2: 1.0})[0] == 1e-7  # flat timings: no negative latency
+
+
 def test_real_cpu_calibration(tmp_path, monkeypatch):
     from runtime.calibrate import ensure_cpu_profile
 
