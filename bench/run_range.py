@@ -84,6 +84,8 @@ def main() -> None:
     result = {
         "model": a.model, "cluster": a.cluster, "devices": a.devices, "seq": [lo, hi], "step": step,
         "range_plan_s": round(range_s, 2), "evaluations": len(r["samples"]),
+        "configurations_priced": sum(x["priced"] for x in r["samples"]),
+        "configurations_skipped": sum(x["skipped"] for x in r["samples"]),
         "pieces": [{"lo": p["lo"], "hi": p["hi"], "plan": _summary(p["plan"]),
                     "step_time_s_at_lo": p["plan"]["predicted"]["step_time_s"] if p["plan"] else None,
                     "step_time_s": p["step_time_s"], "peak_memory_bytes": p["peak_memory_bytes"]}
@@ -106,10 +108,12 @@ def main() -> None:
                   f"{p['step_time_s_at_lo']:.4g}" if p["step_time_s_at_lo"] is not None else "-")
     con.print(t)
     s = Table(title="cost (wall seconds, measured here)")
-    for col in ("range plan", "searches", f"{len(points)} point plans", "median point plan", "range / point",
-                "agree", "target < 3"):
+    for col in ("range plan", "searches", "configurations priced / skipped", f"{len(points)} point plans",
+                "median point plan", "range / point", "agree", "target < 3"):
         s.add_column(col)
-    s.add_row(f"{range_s:.1f}", str(result["evaluations"]), f"{sum(point_s):.1f}", f"{median_point:.2f}",
+    s.add_row(f"{range_s:.1f}", str(result["evaluations"]),
+              f"{result['configurations_priced']:,} / {result['configurations_skipped']:,}",
+              f"{sum(point_s):.1f}", f"{median_point:.2f}",
               f"{result['range_over_median_point']:.1f}x", result["agree"], "met" if result["met"] else "NOT met")
     con.print(s)
     print(f"results: {RESULTS.relative_to(ROOT)}")

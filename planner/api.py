@@ -28,7 +28,7 @@ from search.errors import AutoparError, BadInput, Infeasible
 from search.fold import fold as fold_graph
 from search.fold import no_fold
 from search.placement import propagate
-from search.range import Outcome, plan_range
+from search.range import Bounds, Outcome, plan_range
 from search.recompute import block_scopes
 from search.seqpar import preference
 from search.specialize import Specializer
@@ -103,12 +103,16 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
     return Plan.from_dict(plan)
 
 
-def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, search) -> tuple[dict | None, list, str]:
-    """(plan dict or None when nothing fits, every candidate priced, why nothing fits) of the captured ``mg``."""
+def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, search,
+                bounds: Bounds | None = None) -> tuple[dict | None, list, str]:
+    """(plan dict or None when nothing fits, every candidate priced, why nothing fits) of the captured
+    ``mg``; a range search's ``bounds`` skip configurations (no candidates: all were skipped)."""
     folding = fold_graph(mg) if fold else no_fold(mg)
     select = ilp_select if search == "ilp" else shard_all
     cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
-                                 select=select, folding=folding)
+                                 select=select, folding=folding, bounds=bounds)
+    if not cands:
+        return None, cands, ""
     try:
         win = best(cands, memory_limit if memory_limit is not None else cl.memory_bytes)
     except Infeasible as exc:
@@ -155,15 +159,21 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
     limit = options["memory_limit"] if options["memory_limit"] is not None else cl.memory_bytes
     plans: dict[int, dict] = {}
 
-    def search_at(v: int) -> Outcome:
+    def search_at(v: int, bounds: Bounds) -> Outcome:
         point = at(v, example_seq) if symbol == "B" else at(example_batch, v)
         gb = v if symbol == "B" else (global_batch or example_batch)
-        plan, cands, why = _point_plan(point, cl, gb, **options)
+        plan, cands, why = _point_plan(point, cl, gb, bounds=bounds, **options)
+        if plan is None and bounds.only is None and bounds.skipped:  # nothing fits: the full search says why
+            plan, cands, why = _point_plan(point, cl, gb, **options)
+            bounds = Bounds()
         if plan is None:
-            return Outcome(None, costs=_costs(cands, limit), reason=why)
-        plans[v] = plan
+            return Outcome(None, costs=_costs(cands, limit), reason=why, configs=_configs(cands),
+                           skipped=bounds.skipped)
+        if bounds.only is None:
+            plans[v] = plan
         return Outcome(json.dumps(decision(plan), sort_keys=True), _variant(cands[0]), _costs(cands, limit),
-                       family=_config(cands[0]))
+                       family=_config(cands[0]), configs=_configs(cands), config=cands[0].config(),
+                       skipped=bounds.skipped)
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
     pieces = [{"lo": p.lo, "hi": p.hi, "plan": plans.get(p.lo),
@@ -181,7 +191,8 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
                         for b in result.breakpoints],
         "samples": [{"at": v, "piece": piece_of[v],
                      "step_time_s": o.cost[0] if o.cost else None,
-                     "peak_memory_bytes": o.cost[1] if o.cost else None} for v, o in result.evaluated.items()],
+                     "peak_memory_bytes": o.cost[1] if o.cost else None,
+                     "priced": len(o.configs), "skipped": o.skipped} for v, o in result.evaluated.items()],
     }
     if timings:
         top["search"] = dict(top["search"], seconds=round(time.perf_counter() - start, 3))
@@ -245,6 +256,18 @@ def _costs(cands: list[Candidate], limit: float) -> dict:
             bare = c.peak_memory + c.chunk_freed
             out.setdefault(_config(c)[:-1] + ((),), (c.step_time_s - c.breakdown["chunk_recompute"], bare,
                                                        bare <= limit))
+    return out
+
+
+def _configs(cands: list[Candidate]) -> dict:
+    """What a range search's bounds read (``search.range.Outcome.configs``): per configuration its least
+    step time (before activation chunking, the cheapest of its schedules) and whether it fits;
+    candidates that were not priced are left out."""
+    out: dict[tuple, tuple[float, bool]] = {}
+    for c in cands:
+        if c.memory:
+            least, fits = out.get(c.config(), (math.inf, False))
+            out[c.config()] = (min(least, c.step_time_s - c.breakdown.get("chunk_recompute", 0.0)), fits or c.feasible)
     return out
 
 

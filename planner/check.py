@@ -11,6 +11,7 @@ re-plans every case in a directory and compares the canonical plan; a mismatch p
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -54,8 +55,10 @@ def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True) -
     return with_case(plan, case)
 
 
-def load_golden(directory: str | Path) -> list[tuple[Path, Plan]]:
-    """Every ``*.json`` in ``directory``, validated, each with a recorded case; BadInput names the file."""
+def load_golden(directory: str | Path, *, stale_ok: bool = False) -> list[tuple[Path, Plan | dict]]:
+    """Every ``*.json`` in ``directory``, validated, each with a recorded case; BadInput names the file.
+    ``stale_ok`` (``check --update``): a file that is JSON with a case but no longer a valid plan (the
+    plan format grew a field) comes back as its raw dict, to be re-planned from the case."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BadInput(f"golden directory {str(directory)!r}: not found")
@@ -68,12 +71,25 @@ def load_golden(directory: str | Path) -> list[tuple[Path, Plan]]:
         try:
             plan = Plan.from_json(f)
         except BadInput as e:
-            raise BadInput(f"golden {e}" if str(f) in str(e) else f"golden file {f}: {e}") from None
+            stale = _stale(f) if stale_ok else None
+            if stale is None:
+                raise BadInput(f"golden {e}" if str(f) in str(e) else f"golden file {f}: {e}") from None
+            out.append((f, stale))
+            continue
         if "case" not in plan.to_dict():
             raise BadInput(f"golden file {f}: no 'case' (the inputs to re-plan); "
                            "re-create it with `autopar plan ... --record-case --out FILE`")
         out.append((f, plan))
     return out
+
+
+def _stale(path: Path) -> dict | None:
+    """The raw dict of a golden file that holds a JSON object with a case (None otherwise)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(raw, dict) and isinstance(raw.get("case"), dict) else None
 
 
 def check(directory: str | Path = GOLDEN_DIR, *, update: bool = False,
@@ -82,13 +98,15 @@ def check(directory: str | Path = GOLDEN_DIR, *, update: bool = False,
 
     Prints one line per case and, for a mismatch, the decision diff golden -> now.
     """
-    golden = load_golden(directory)
+    golden = load_golden(directory, stale_ok=update)
     start = time.perf_counter()
     failed = rewritten = 0
     for path, old in golden:
         t0 = time.perf_counter()
+        raw = old if isinstance(old, dict) else old.to_dict()
+        search = raw.get("search")
         try:
-            new = plan_case(old.to_dict()["case"], fold=old.search["folded"])
+            new = plan_case(raw["case"], fold=not (isinstance(search, dict) and search.get("folded") is False))
         except Infeasible as e:
             failed += 1
             echo(f"FAIL     {path.name}: now infeasible: {e}")

@@ -78,7 +78,7 @@ RANGE_CAUSES = ("memory", "time", "plan")
 PIECE_KEYS = ("lo", "hi", "plan", "infeasible", "step_time_s", "peak_memory_bytes")
 BREAK_KEYS = ("at", "cause", "left", "right")
 SIDE_KEYS = ("step_time_s", "peak_memory_bytes", "feasible")
-SAMPLE_KEYS = ("at", "piece", "step_time_s", "peak_memory_bytes")
+SAMPLE_KEYS = ("at", "piece", "step_time_s", "peak_memory_bytes", "priced", "skipped")  # configurations
 MAX_EXPR = 2000
 _EXPR_CHARS = frozenset("0123456789eE.+-*/() ")
 
@@ -522,6 +522,8 @@ def _validate_range(r: Any) -> None:
             V.fail(f"{f}.piece", f"piece {s['piece']} covers {pc['lo']}..{pc['hi']}, not {at}")
         for k in ("step_time_s", "peak_memory_bytes"):
             V.num(s[k], f"{f}.{k}", 0, nullable=pc["plan"] is None)
+        for k in ("priced", "skipped"):  # by the bounded search there (search.range.Bounds)
+            V.int_(s[k], f"{f}.{k}", 0, 10**9)
 
 
 def _validate_sp(d: dict, degree: int) -> None:

@@ -50,9 +50,10 @@ def shard_all(space: Space, price: Callable[[dict[str, int]], Candidate], limit:
 
 def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int, dtype: str,
                          memory_limit: float | None = None, fix: dict | None = None,
-                         select=shard_all, folding: Folding | None = None) -> list[Candidate]:
+                         select=shard_all, folding: Folding | None = None, bounds=None) -> list[Candidate]:
     """Price every (pp, dp, tp, zero, microbatch size, recompute, schedule); sorted best first,
-    infeasible last.
+    infeasible last. ``bounds`` (a range search's ``search.range.Bounds``) skips the configurations it
+    rules out (the list is then empty when it rules out all).
 
     Without pipelining, ``select(space, price, limit)`` picks the tensor-parallel cones and returns
     the priced candidate: :func:`shard_all` (this module, the oracle) or ``search.strategy.ilp_select``.
@@ -97,44 +98,51 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
     regions = cache(partial(chunk_regions, mg, folding))  # probed only if some candidate's memory binds
     spaces: dict[int, Space] = {}
+
+    def mesh(pp: int, tp: int, sp: int, sweep) -> list[Candidate]:
+        """The candidates of one mesh (an invalid mesh: one unpriced candidate saying why)."""
+        if devices % (pp * tp * sp) or tp > cluster.devices_per_node:
+            return []
+        dp = devices // tp // pp // sp
+        if "dp" in fix and fix["dp"] != dp:
+            return []
+        if sweep is not None and sweep.only is not None and not any(k[:4] == (pp, dp, sp, tp) for k in sweep.only):
+            return []
+        if tp not in spaces:
+            spaces[tp] = build_space(mg, tp, folding)
+        space = spaces[tp]
+        bad = dict(feasible=False, pp=pp, sp=SPChoice(sp, "none") if sp > 1 else None)
+        if tp > 1 and not space.choices:
+            return [Candidate(dp, tp, 0, 0, 0, "none", **bad,
+                              reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)")]
+        if pp > len(space.regions):
+            return []
+        if global_batch % dp:
+            return [Candidate(dp, tp, 0, 0, 0, "none", **bad,
+                              reason=f"global batch {global_batch} does not split over dp={dp}")]
+        sequence = (sp, mg.seq_len, fix.get("attention"), None)
+        if sp > 1 and dsp:
+            why = _dsp_unusable(mg, sp, tp, fix.get("attention"))
+            sequence = (sp, mg.seq_len, "dsp", None if why else dsp_traffic(dsp_layout(mg.gm, sp), sp))
+        elif sp > 1:  # heads as captured; the layout's own (split by tp) are checked when priced
+            ok, why = _sp_choices(sp, space.base.attention, mg.seq_len, fix.get("attention"))
+            why = "" if ok else why
+        if sp > 1 and why:
+            return [Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why)]
+        return _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
+                           select, regions, sweep)
+
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
-        for tp in tps:
-            for sp in sps if pp == 1 else [1]:
-                if devices % (pp * tp * sp) or tp > cluster.devices_per_node:
-                    continue
-                dp = devices // tp // pp // sp
-                if "dp" in fix and fix["dp"] != dp:
-                    continue
-                if tp not in spaces:
-                    spaces[tp] = build_space(mg, tp, folding)
-                space = spaces[tp]
-                bad = dict(feasible=False, pp=pp, sp=SPChoice(sp, "none") if sp > 1 else None)
-                if tp > 1 and not space.choices:
-                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad,
-                                         reason=f"tp={tp}: no linear layer can be split {tp} ways (check head counts)"))
-                    continue
-                if pp > len(space.regions):
-                    continue
-                if global_batch % dp:
-                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad,
-                                         reason=f"global batch {global_batch} does not split over dp={dp}"))
-                    continue
-                sequence = (sp, mg.seq_len, fix.get("attention"), None)
-                if sp > 1 and dsp:
-                    why = _dsp_unusable(mg, sp, tp, fix.get("attention"))
-                    sequence = (sp, mg.seq_len, "dsp", None if why else dsp_traffic(dsp_layout(mg.gm, sp), sp))
-                elif sp > 1:  # heads as captured; the layout's own (split by tp) are checked when priced
-                    ok, why = _sp_choices(sp, space.base.attention, mg.seq_len, fix.get("attention"))
-                    why = "" if ok else why
-                if sp > 1 and why:
-                    out.append(Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why))
-                    continue
-                out += _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                                   select, regions)
+        # a range search prices the configurations it keeps first (its bounds are tightest then)
+        for sweep in ([bounds.first(), bounds] if bounds is not None and bounds.keep else [bounds]):
+            for tp in tps:
+                for sp in sps if pp == 1 else [1]:
+                    got = mesh(pp, tp, sp, sweep)
+                    out += [c for c in got if c.memory] if sweep is not bounds else got
         if any(c.feasible for c in out):
             break
-    if not out:
+    if not out and (bounds is None or (bounds.only is None and not bounds.skipped)):
         raise BadInput(f"no pp × dp × sp × tp factorization of {devices} devices matches --fix {fix}")
     out.sort(key=lambda c: (not c.feasible, c.step_time_s if c.feasible else 0.0, c.peak_memory, c.pp,
                             c.sp_degree, c.tp, c.zero, -c.microbatch_size, c.recompute, c.schedule))
@@ -203,9 +211,9 @@ def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[
 
 
 def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                select, regions) -> list[Candidate]:
+                select, regions, bounds) -> list[Candidate]:
     """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``;
-    ``regions()``: the chunkable regions, used when memory binds)."""
+    ``regions()``: the chunkable regions, used when memory binds) that ``bounds`` does not skip."""
     local = global_batch // dp
     out, cache, msp = [], {}, space.megatron_sp
     tp_spans = cost.group_spans_nodes((pp, dp, tp), 2, cluster.devices_per_node)
@@ -227,19 +235,25 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                                    "recompute is for eager matmul-softmax attention); use --fix recompute=full")
                 if recompute == "selective" and (pp > 1 or sequence[0] > 1 or not space.base.act_core):
                     continue  # attention cores: not in pipeline stages yet, replaced by the sp kernel
+                if bounds is not None and bounds.skip((pp, dp, sequence[0], tp, zero, micro, recompute)):
+                    continue
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
-                    out.append(_chunked(select(space, price, limit), regions, cluster, dtype, limit))
-                    continue
-                key = ("regions", micro, recompute)
-                if key not in cache:
-                    cache[key] = regions_for(space, cluster, dtype, scale, micro=micro, graph_batch=mg.batch_size,
-                                             tp_spans=tp_spans, full=recompute == "full")
-                schedules = [fix["schedule"]] if "schedule" in fix else SCHEDULES
-                out += pipeline_candidates(cache[key], cluster, dtype, layout=space.layout(space.all_sharded()),
-                                           pp=pp, dp=dp, zero=zero, micro=micro, m=m, recompute=recompute,
-                                           schedules=schedules, limit=limit, mesh=(pp, dp, tp), cache=cache)
+                    priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit)]
+                else:
+                    key = ("regions", micro, recompute)
+                    if key not in cache:
+                        cache[key] = regions_for(space, cluster, dtype, scale, micro=micro, graph_batch=mg.batch_size,
+                                                 tp_spans=tp_spans, full=recompute == "full")
+                    schedules = [fix["schedule"]] if "schedule" in fix else SCHEDULES
+                    priced = pipeline_candidates(cache[key], cluster, dtype, layout=space.layout(space.all_sharded()),
+                                                 pp=pp, dp=dp, zero=zero, micro=micro, m=m, recompute=recompute,
+                                                 schedules=schedules, limit=limit, mesh=(pp, dp, tp), cache=cache)
+                for c in priced:
+                    if bounds is not None:
+                        bounds.saw(c.config(), c.step_time_s, c.feasible)
+                out += priced
     return out
 
 

@@ -56,6 +56,11 @@ class Candidate:
         return (self.pp, self.dp, self.sp_degree, self.tp, self.zero, self.microbatch_size, self.recompute,
                 self.schedule)
 
+    def config(self) -> tuple:
+        """The configuration a range search bounds (``search.range.Bounds``): the key without the
+        schedule, tier (pipeline stages) first."""
+        return self.key()[:7]
+
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,
               samples_scale: float, repeats: int, recompute: str, sequence: bool = False) -> tuple[float, float, float]:

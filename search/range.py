@@ -1,9 +1,10 @@
 """Piecewise plans: which plan wins where over a range of the sequence length S (or global batch B).
 
-``plan_range(search, lo, hi, step, limit, symbol)`` takes ``search(v) -> Outcome`` — the full search at one
-value (the planner runs it on ``search.specialize``: the symbolic capture evaluated at that point, no
-tracing) — and returns the pieces of the grid ``lo, lo + step, ..., hi`` on which one plan wins, with
-every breakpoint exact on the grid:
+``plan_range(search, lo, hi, step, limit, symbol)`` takes ``search(v, bounds) -> Outcome`` — the search
+at one value (the planner runs it on ``search.specialize``: the symbolic capture evaluated at that
+point, no tracing), which may skip the configurations ``bounds`` rules out there — and returns the
+pieces of the grid ``lo, lo + step, ..., hi`` on which one plan wins, with every breakpoint exact on
+the grid:
 
 1. **Probe** a geometric grid (``lo``, ``lo·2``, ``lo·4``, ..., ``hi``).
 2. Between two evaluated values with different winners P and Q, **solve** for the crossing: the
@@ -17,6 +18,16 @@ every breakpoint exact on the grid:
    breakpoint is exact when they give Q and P. Otherwise the new value splits the interval and
    step 2 repeats on the part whose ends still differ (every second guess bisects: O(log) at worst),
    until every boundary is between neighbouring grid values.
+
+Every search is **bounded** by the values searched before it (:class:`Bounds`): a configuration (mesh,
+ZeRO, microbatch, recompute) only gets slower and hungrier as the symbol grows — more tokens or samples
+per step are more work and more activations, for every choice inside it — so one that did not fit at
+a smaller value does not fit now, and one whose least step time at a smaller value exceeds the step
+time of something of its tier priced here already cannot win now (the winners next to v are priced
+first, so that bound is tight early). The search skips those; the winner and its price are what the
+full search gives (``tests/test_range.py`` checks it against fresh plans), at a fraction of the
+pricing (``bench/run_range.py`` reports how many configurations were skipped). A piece's plan lists
+as alternatives the configurations its bounded search priced.
 
 Each piece's step time and memory are then written as polynomials in the symbol, interpolated
 through three of its evaluated values and kept only when every other evaluated value of the piece
@@ -37,15 +48,20 @@ PROBE_RATIO = 2
 @dataclass
 class Outcome:
     """The search at one value: the winner's ``decision`` (hashable: equal decisions are one plan,
-    ``None`` when nothing fits), its configuration ``key`` and every configuration's (step time s, peak
-    memory bytes, fits) in ``costs`` (configurations may be priced at two levels of detail, e.g. one
-    attention variant and the mesh's best: ``family``)."""
+    ``None`` when nothing fits), its configuration ``key`` and every priced configuration's (step time
+    s, peak memory bytes, fits) in ``costs`` (configurations may be priced at two levels of detail, e.g.
+    one attention variant and the mesh's best: ``family``). ``configs`` holds what :class:`Bounds` reads:
+    per priced configuration (a tuple, its tier first) the least step time of any of its choices and
+    whether it fits; ``config`` is the winner's."""
 
     decision: object
     key: object = None
     costs: dict = field(default_factory=dict)
     reason: str = ""                             # why nothing fits (decision None)
     family: object = None                        # a coarser configuration of ``key`` (its best variant)
+    configs: dict = field(default_factory=dict)
+    config: tuple | None = None
+    skipped: int = 0                             # configurations the bounded search did not price
 
     @property
     def cost(self) -> tuple[float, float, bool] | None:
@@ -56,6 +72,41 @@ class Outcome:
         if other.key is None:
             return None
         return self.costs.get(other.key) or self.costs.get(other.family)
+
+
+@dataclass
+class Bounds:
+    """What the values searched so far prove about value v (module docstring): ``dead`` configurations
+    did not fit at a smaller value and ``floor`` is each one's least step time at a smaller value;
+    ``best`` per tier is the fastest fitting step time priced at v so far (:meth:`saw`). The search
+    prices ``keep`` (the winners next to v) in a first pass (:meth:`first`), so that ``best`` is tight
+    before the others are judged. ``only`` (when set) restricts a search to those configurations."""
+
+    floor: dict = field(default_factory=dict)
+    dead: set = field(default_factory=set)
+    best: dict = field(default_factory=dict)
+    keep: frozenset = frozenset()
+    only: frozenset | None = None
+    skipped: int = 0
+
+    def first(self) -> "Bounds":
+        """The first pass: ``keep`` only, sharing ``best``."""
+        return Bounds(best=self.best, only=self.keep)
+
+    def skip(self, config: tuple) -> bool:
+        """Whether the search leaves ``config`` out at v (those ruled out are counted in ``skipped``)."""
+        if self.only is not None:
+            return config not in self.only
+        if config in self.keep:
+            return True  # priced by the first pass
+        out = config in self.dead or self.floor.get(config, -math.inf) > self.best.get(config[0], math.inf)
+        self.skipped += out
+        return out
+
+    def saw(self, config: tuple, step_time: float, fits: bool) -> None:
+        """A configuration priced at v: when it fits, nothing slower in its tier can win."""
+        if fits:
+            self.best[config[0]] = min(self.best.get(config[0], math.inf), step_time)
 
 
 @dataclass
@@ -82,7 +133,7 @@ class RangeResult:
     evaluated: dict[int, Outcome]   # every value searched, in order
 
 
-def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, limit: float,
+def plan_range(search: Callable[[int, Bounds], Outcome], lo: int, hi: int, step: int, limit: float,
                symbol: sympy.Symbol) -> RangeResult:
     """Pieces of ``lo..hi`` (grid ``step``) by the procedure of the module docstring; ``limit``: bytes
     per device the plans must fit."""
@@ -90,7 +141,7 @@ def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, li
 
     def at(v: int) -> Outcome:
         if v not in seen:
-            seen[v] = search(v)
+            seen[v] = search(v, _bounds(seen, v))
         return seen[v]
 
     probes = _probes(lo, hi, step)
@@ -115,8 +166,30 @@ def plan_range(search: Callable[[int], Outcome], lo: int, hi: int, step: int, li
     pieces = [Piece(s, e, seen[s]) for s, e in zip(starts, ends)]
     for p in pieces:
         p.step_time, p.memory = _expressions(seen, p, symbol)
+    for s in starts[1:]:  # the left plan priced where the right one takes over, if that search skipped it
+        left, right = seen[s - step], seen[s]
+        if left.config is not None and right.price(left) is None:
+            right.costs = {**search(s, Bounds(only=frozenset({left.config}))).costs, **right.costs}
     breaks = [_breakpoint(seen, s, step) for s in starts[1:]]
     return RangeResult(pieces, breaks, dict(sorted(seen.items())))
+
+
+def _bounds(seen: dict[int, Outcome], v: int) -> Bounds:
+    """What the smaller searched values prove about ``v`` (:class:`Bounds`), keeping the winners of its
+    neighbours. (A configuration that fits at a larger value is not an upper bound at v: it may not
+    exist there — a microbatch size that does not divide the batch, a sequence-parallel degree that
+    leaves too few tokens per rank.)"""
+    b = Bounds()
+    for u, o in seen.items():
+        if u < v:
+            for config, (least, fits) in o.configs.items():
+                b.floor[config] = max(b.floor.get(config, -math.inf), least)
+                if not fits:
+                    b.dead.add(config)
+    below, above = [u for u in seen if u < v], [u for u in seen if u > v]
+    near = ([max(below)] if below else []) + ([min(above)] if above else [])
+    b.keep = frozenset(seen[u].config for u in near if seen[u].config is not None)
+    return b
 
 
 def _probes(lo: int, hi: int, step: int) -> list[int]:

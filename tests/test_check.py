@@ -117,6 +117,20 @@ def test_changed_golden_value_is_reported_then_update_restores_it(tiny_dir, caps
     assert main(["check", str(tiny_dir)]) == 0
 
 
+def test_update_replans_a_golden_whose_format_is_stale(tiny_dir, capsys):
+    """A golden written before the plan format grew a field: check says so (exit 2), --update re-plans
+    it from its case."""
+    path = tiny_dir / TINY.name
+    fresh = path.read_bytes()
+    d = json.loads(fresh)
+    del d["templates"]
+    path.write_text(json.dumps(d))
+    assert main(["check", str(tiny_dir)]) == 2
+    assert "templates" in capsys.readouterr().err
+    assert main(["check", str(tiny_dir), "--update"]) == 0
+    assert "updated" in capsys.readouterr().out and path.read_bytes() == fresh
+
+
 # ------------------------------------------------------------------ bad golden files: exit 2, named
 
 @pytest.mark.parametrize("content, needle", [

@@ -42,7 +42,7 @@ def range_dict() -> dict:
         i = next(i for i, pc in enumerate(pieces) if pc["lo"] <= at <= pc["hi"])
         ok = pieces[i]["plan"] is not None
         samples.append({"at": at, "piece": i, "step_time_s": 1e-9 * at ** 1.5 + 0.123456789 if ok else None,
-                        "peak_memory_bytes": 4096.0 * at + 1e9 if ok else None})
+                        "peak_memory_bytes": 4096.0 * at + 1e9 if ok else None, "priced": 300 - k, "skipped": 10 * k})
     return {**copy.deepcopy(a), "range": {
         "symbol": "S", "lo": 2048, "hi": 1048576, "step": 2048, "memory_limit_bytes": 80 * 2**30, "pieces": pieces,
         "breakpoints": [
