@@ -153,7 +153,7 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
     searched at the values ``search.range.plan_range`` asks for."""
     symbol, lo, hi, step = grid
     mg = capture_symbolic(model, args, kwargs, name=name, batch_dim=0 if symbol == "B" else None,
-                          seq_dims=(1,) if symbol == "S" else ())
+                          seq_dims=(1,) if symbol == "S" else (), folded=options["fold"])
     at = Specializer(mg)
     example_batch, example_seq = example_sizes(args, kwargs)
     limit = options["memory_limit"] if options["memory_limit"] is not None else cl.memory_bytes

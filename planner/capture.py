@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from search.errors import BadInput, CaptureError
+from search.fold import fold
 from search.graph import ModelGraph, NodeInfo
 from search.graph import expression
 from search.saved import annotate_saved
@@ -57,7 +58,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, 
 
 
 def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, name: str = "model",
-                     batch_dim: int | None = 0, seq_dims: tuple[int, ...] = (1,)) -> ModelGraph:
+                     batch_dim: int | None = 0, seq_dims: tuple[int, ...] = (1,), folded: bool = False) -> ModelGraph:
     """:func:`capture` with the batch and sequence sizes as the symbols ``search.symbolic.B`` and ``S``.
 
     Dimension ``batch_dim`` of every top-level tensor argument is the batch B, dimensions ``seq_dims``
@@ -70,7 +71,8 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
     Raises :class:`CaptureError` naming the user's line when the model's code compares B or S with a
     constant (a table sized by the config broadcast against the input, a ``view`` with a literal, a
     pooling window over the sequence), and when a size depends on data (``nonzero``). Limits and the
-    evaluation of the expressions: ``search/symbolic.py``.
+    evaluation of the expressions: ``search/symbolic.py``. ``folded``: the census executes one instance
+    per repeated block (``search.fold``; what a folded search reads, in a fraction of the time).
     """
     kwargs = kwargs or {}
     bound = _bind(model, args, kwargs)
@@ -94,7 +96,8 @@ def capture_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict | None = 
                                f"({info.op} at {info.source or info.scope}) has a size that depends on data, "
                                f"not only on the batch and sequence ({', '.join(map(str, sorted(free, key=str)))}); "
                                "capture it at concrete shapes with capture().")
-    annotate_saved(gm, number=lambda v: expression(v, symbols))  # saved activations: expressions too
+    annotate_saved(gm, number=lambda v: expression(v, symbols),  # saved activations: expressions too
+                   folding=fold(mg) if folded else None)
     gm.meta["symbols"] = symbols  # read by search.specialize
     return mg
 
