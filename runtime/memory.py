@@ -18,7 +18,7 @@ from __future__ import annotations
 import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
 
@@ -32,14 +32,14 @@ class LiveBytes(TorchDispatchMode):
         self.refs: dict[int, list[int]] = {}  # storage address -> [bytes, live tensors, storage id]
         self.events: list[tuple[int, int]] = []  # (storage id, +bytes when created | -bytes when freed)
         self.live = self.peak = 0
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.exclude = {u.untyped_storage().data_ptr() for t in exclude for u in _plain(t)}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() \
-                    and t.untyped_storage().data_ptr() not in self.exclude:
-                self._track(t)
+            for u in _plain(t) if isinstance(t, torch.Tensor) else ():
+                if u.untyped_storage().nbytes() and u.untyped_storage().data_ptr() not in self.exclude:
+                    self._track(u)
         return out
 
     def _track(self, t: torch.Tensor) -> None:
@@ -60,6 +60,18 @@ class LiveBytes(TorchDispatchMode):
             self.live -= entry[0]
             self.events.append((entry[2], -entry[0]))
             del self.refs[key]
+
+
+def _plain(t: torch.Tensor):
+    """The plain tensors holding ``t``'s storage: itself, or a wrapper subclass's inner tensors (a DTensor's
+    local shard: the mode sees the DTensor op, not the local ops under it)."""
+    if is_traceable_wrapper_subclass(t):
+        for attr in t.__tensor_flatten__()[0]:
+            inner = getattr(t, attr)
+            if isinstance(inner, torch.Tensor):
+                yield from _plain(inner)
+    else:
+        yield t
 
 
 def step_peak(module: torch.nn.Module, *args, **kwargs) -> int:

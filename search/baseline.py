@@ -357,7 +357,14 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
         c.breakdown["sp_attention"] = sp_time * m
         c.comm_bytes += sp_bytes * m
     c.step_time_s = sum(c.breakdown.values())
-    states = model_state_bytes(w.params, dtype=dtype, zero_stage=zero, dp=dp * sp)
+    # as emitted on FSDP (passes.zero): ZeRO-1 reduce-scatters the gradients at a step's last microbatch,
+    # so with one microbatch they are sharded as under ZeRO-2; ZeRO-3 holds gathered at once the root
+    # unit (kept from forward to backward) and two blocks (the one running and the one prefetched)
+    states = model_state_bytes(w.params, dtype=dtype, zero_stage=2 if (zero, m) == (1, 1) else zero, dp=dp * sp)
+    if zero == 3:
+        root, block = st.space.units
+        gathered = (root + 2 * block) * w.params / st.space.base.params if st.space.base.params else 0.0
+        states["params"] += model_state_bytes(round(gathered), dtype=dtype, zero_stage=0, dp=1)["params"]
     # + the backward's largest transient (the LM head's, typically: before any block is rematerialized)
     if recompute == "full":
         act = (st.block_inputs + w.act_outside + max(st.act_max_block, st.space.transient)) * per_sample

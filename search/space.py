@@ -140,6 +140,9 @@ class Space:
     choices: list[Choice]
     regions: list[RegionWork]               # graph order
     transient: float = 0.0                  # the largest backward transient, replicated (:func:`backward_transient`)
+    # (parameters outside the repeated blocks, parameters of the largest block), replicated: the units
+    # ZeRO-3 gathers (the emitted FSDP shards each block as one unit, the rest as the root unit)
+    units: tuple[float, float] = (0.0, 0.0)
 
     def region_sharded(self, r: RegionWork) -> Work:
         """``r`` with every cone it holds sharded (the full Megatron layout of one region)."""
@@ -242,7 +245,9 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     for r in regions:
         if r.template is not None:
             r.keys = [c.key for c in choices if c.template == r.template]
-    return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm))
+    in_blocks = sum(len(folding.template(t).instances) * w.params for t, w in one.items())
+    units = (base.params - in_blocks, max((w.params for w in one.values()), default=0.0))
+    return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm), units)
 
 
 def backward_transient(gm) -> float:
