@@ -227,7 +227,26 @@ def _launch_two(rank: int, world: int) -> dict:
         out["bad_mesh"] = str(e)
     m = Mesh({"dp": 2})
     out["mesh1"] = (m.shape, m.size("dp"), m.local_rank("dp"), dist.get_process_group_ranks(m.group("dp")))
+    out["dtensor_bytes"] = _live_bytes_of_dtensor_ops()
     return out
+
+
+def _live_bytes_of_dtensor_ops() -> tuple[int, int, int]:
+    """LiveBytes under DTensor ops (how bench/run_emit.py measures FSDP's optimizer step): the mode
+    sees the DTensor op, and counts the local shard it creates; (peak, live after, live at the end)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from runtime.memory import LiveBytes
+
+    mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
+    a = distribute_tensor(torch.ones(8, 256), mesh, [Shard(0)])  # 4 x 256 fp32 = 4 KiB per rank
+    with LiveBytes(exclude=[a]) as mem:
+        b = a * 2
+        a.mul_(3)  # in place: nothing new
+        live = mem.live
+        del b
+    return mem.peak, live, mem.live
 
 
 def _launch_four(rank: int, world: int) -> dict:
@@ -271,6 +290,11 @@ def two():
 @pytest.fixture(scope="module")
 def four():
     return run_ranks(_launch_four, 4, timeout=120)
+
+
+def test_live_bytes_counts_dtensor_local_shards(two):
+    for r in two:
+        assert r["dtensor_bytes"] == (4 * 256 * F32, 4 * 256 * F32, 0)
 
 
 def test_algorithmic_bytes_formula():
