@@ -341,7 +341,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     compute, tp_time, tp_bytes = work_time(w, cl, dtype, scale, st.tp, tp_spans, share, per_sample, m, recompute,
                                            sequence=c.megatron_sp)
     # the gradients of sequence-parallel ranks sum like data-parallel ones (ZeRO shards over both)
-    dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans)
+    dp_time, dp_bytes = dp_sync(w.params, cl, dtype, dp * sp, zero, m, dp_spans, units=st.space.units[2] + 1)
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.comm_bytes = tp_bytes + dp_bytes
     if c.megatron_sp:  # boundary all-gathers per microbatch, one all-reduce per norm weight's gradient per step
@@ -362,7 +362,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     # unit (kept from forward to backward) and two blocks (the one running and the one prefetched)
     states = model_state_bytes(w.params, dtype=dtype, zero_stage=2 if (zero, m) == (1, 1) else zero, dp=dp * sp)
     if zero == 3:
-        root, block = st.space.units
+        root, block, _ = st.space.units
         gathered = (root + 2 * block) * w.params / st.space.base.params if st.space.base.params else 0.0
         states["params"] += model_state_bytes(round(gathered), dtype=dtype, zero_stage=0, dp=1)["params"]
     # + the backward's largest transient (the LM head's, typically: before any block is rematerialized)

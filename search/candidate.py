@@ -83,9 +83,12 @@ def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans:
     return compute, tp_time, tp_bytes
 
 
-def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp_spans: bool) -> tuple[float, float]:
+def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp_spans: bool,
+            units: int = 1) -> tuple[float, float]:
     """(seconds, bytes sent) of data-parallel traffic per step: gradients under ZeRO ``zero`` and the
-    fp32 loss all-reduce of each of ``m`` microbatches (the module reports the dp-mean loss)."""
+    fp32 loss all-reduce of each of ``m`` microbatches (the module reports the dp-mean loss). ZeRO
+    moves each of its ``units`` (FSDP units: one per repeated block, plus the rest) in its own
+    collective: the same bytes, ``units`` latencies."""
     grad_bytes = params * DTYPE_BYTES[dtype]
     if zero == 0:
         kinds = [("all_reduce", grad_bytes, 1)]
@@ -98,9 +101,12 @@ def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp
     # ZeRO packs every gathered parameter and reduce-scattered gradient through a flat buffer: one read
     # and one write of the whole tensor per collective (memory bound; what FSDP2 copies in and out)
     packing = sum(2 * b * n for k, b, n in kinds) / cl.memory_bandwidth if zero and dp > 1 else 0.0
+    calls = units if zero else 1
+    t = sum(n * calls * cost.collective_time(k, b / calls, dp, cl, spans_nodes=dp_spans) for k, b, n in kinds)
+    sent = sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
     if dp > 1:
-        kinds.append(("all_reduce", LOSS_BYTES, m))
-    t = sum(n * cost.collective_time(k, b, dp, cl, spans_nodes=dp_spans) for k, b, n in kinds)
-    return t + packing, sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
+        t += m * cost.collective_time("all_reduce", LOSS_BYTES, dp, cl, spans_nodes=dp_spans)
+        sent += m * cost.bytes_sent_per_rank("all_reduce", LOSS_BYTES, dp)
+    return t + packing, sent
 
 

@@ -140,9 +140,9 @@ class Space:
     choices: list[Choice]
     regions: list[RegionWork]               # graph order
     transient: float = 0.0                  # the largest backward transient, replicated (:func:`backward_transient`)
-    # (parameters outside the repeated blocks, parameters of the largest block), replicated: the units
-    # ZeRO-3 gathers (the emitted FSDP shards each block as one unit, the rest as the root unit)
-    units: tuple[float, float] = (0.0, 0.0)
+    # the emitted FSDP's units (each repeated block one, the rest the root unit): (parameters outside the
+    # blocks, parameters of the largest block, replicated; number of blocks)
+    units: tuple[float, float, int] = (0.0, 0.0, 0)
 
     def region_sharded(self, r: RegionWork) -> Work:
         """``r`` with every cone it holds sharded (the full Megatron layout of one region)."""
@@ -246,7 +246,8 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
         if r.template is not None:
             r.keys = [c.key for c in choices if c.template == r.template]
     in_blocks = sum(len(folding.template(t).instances) * w.params for t, w in one.items())
-    units = (base.params - in_blocks, max((w.params for w in one.values()), default=0.0))
+    units = (base.params - in_blocks, max((w.params for w in one.values()), default=0.0),
+             sum(len(folding.template(t).instances) for t in one))
     return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm), units)
 
 

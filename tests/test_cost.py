@@ -329,6 +329,12 @@ def test_dp_sync_per_zero_stage():
         assert b == pytest.approx(sum(x for _, x in parts) + loss_b)
         assert t == pytest.approx(sum(x for x, _ in parts) + loss_t + packed[zero] * 2 * g / cl.memory_bandwidth)
     assert dp_sync(n, cl, "bf16", dp, 1, m, False)[1] == pytest.approx(dp_sync(n, cl, "bf16", dp, 0, m, False)[1])
+    # ZeRO moves each FSDP unit in its own collective: same bytes, one latency (p-1)α per unit and call
+    calls = {0: 0, 1: 2, 2: m + 1, 3: 3 * m}
+    for zero in expected:
+        t1, b1 = dp_sync(n, cl, "bf16", dp, zero, m, False)
+        t5, b5 = dp_sync(n, cl, "bf16", dp, zero, m, False, units=5)
+        assert b5 == pytest.approx(b1) and t5 - t1 == pytest.approx(4 * calls[zero] * (dp - 1) * cl.intra_latency)
 
 
 def test_collective_factor_scales_the_bandwidth_term():
