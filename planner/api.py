@@ -167,12 +167,12 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
             plan, cands, why = _point_plan(point, cl, gb, **options)
             bounds = Bounds()
         if plan is None:
-            return Outcome(None, costs=_costs(cands, limit), reason=why, configs=_configs(cands),
+            return Outcome(None, costs=_costs(cands, limit), reason=why, configs=_configs(cands, limit),
                            skipped=bounds.skipped)
         if bounds.only is None:
             plans[v] = plan
         return Outcome(json.dumps(decision(plan), sort_keys=True), _variant(cands[0]), _costs(cands, limit),
-                       family=_config(cands[0]), configs=_configs(cands), config=cands[0].config(),
+                       family=_config(cands[0]), configs=_configs(cands, limit), config=cands[0].config(),
                        skipped=bounds.skipped)
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
@@ -259,15 +259,17 @@ def _costs(cands: list[Candidate], limit: float) -> dict:
     return out
 
 
-def _configs(cands: list[Candidate]) -> dict:
+def _configs(cands: list[Candidate], limit: float) -> dict:
     """What a range search's bounds read (``search.range.Outcome.configs``): per configuration its least
-    step time (before activation chunking, the cheapest of its schedules) and whether it fits;
-    candidates that were not priced are left out."""
+    step time (before activation chunking, the cheapest of its schedules) and whether its memory fits
+    ``limit`` (a configuration invalid at this value for another reason, e.g. a length its attention
+    variant cannot split, may be valid at the next); candidates that were not priced are left out."""
     out: dict[tuple, tuple[float, bool]] = {}
     for c in cands:
         if c.memory:
             least, fits = out.get(c.config(), (math.inf, False))
-            out[c.config()] = (min(least, c.step_time_s - c.breakdown.get("chunk_recompute", 0.0)), fits or c.feasible)
+            out[c.config()] = (min(least, c.step_time_s - c.breakdown.get("chunk_recompute", 0.0)),
+                               fits or c.peak_memory <= limit)
     return out
 
 

@@ -135,7 +135,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
         # a range search prices the configurations it keeps first (its bounds are tightest then)
-        for sweep in ([bounds.first(), bounds] if bounds is not None and bounds.keep else [bounds]):
+        for sweep in bounds.passes() if bounds is not None else [None]:
             for tp in tps:
                 for sp in sps if pp == 1 else [1]:
                     got = mesh(pp, tp, sp, sweep)

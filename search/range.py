@@ -52,7 +52,7 @@ class Outcome:
     s, peak memory bytes, fits) in ``costs`` (configurations may be priced at two levels of detail, e.g.
     one attention variant and the mesh's best: ``family``). ``configs`` holds what :class:`Bounds` reads:
     per priced configuration (a tuple, its tier first) the least step time of any of its choices and
-    whether it fits; ``config`` is the winner's."""
+    whether its memory fits; ``config`` is the winner's."""
 
     decision: object
     key: object = None
@@ -77,9 +77,9 @@ class Outcome:
 @dataclass
 class Bounds:
     """What the values searched so far prove about value v (module docstring): ``dead`` configurations
-    did not fit at a smaller value and ``floor`` is each one's least step time at a smaller value;
+    did not fit in memory at a smaller value and ``floor`` is each one's least step time at a smaller value;
     ``best`` per tier is the fastest fitting step time priced at v so far (:meth:`saw`). The search
-    prices ``keep`` (the winners next to v) in a first pass (:meth:`first`), so that ``best`` is tight
+    prices ``keep`` (the winners next to v) in a first pass (:meth:`passes`), so that ``best`` is tight
     before the others are judged. ``only`` (when set) restricts a search to those configurations."""
 
     floor: dict = field(default_factory=dict)
@@ -89,9 +89,10 @@ class Bounds:
     only: frozenset | None = None
     skipped: int = 0
 
-    def first(self) -> "Bounds":
-        """The first pass: ``keep`` only, sharing ``best``."""
-        return Bounds(best=self.best, only=self.keep)
+    def passes(self) -> list["Bounds"]:
+        """The passes a search makes over its configurations: ``keep`` only first (sharing ``best``), then
+        the rest."""
+        return [Bounds(best=self.best, only=self.keep), self] if self.keep else [self]
 
     def skip(self, config: tuple) -> bool:
         """Whether the search leaves ``config`` out at v (those ruled out are counted in ``skipped``)."""

@@ -22,6 +22,7 @@ from planner.plan import Plan
 from search.baseline import enumerate_candidates
 from search.errors import BadInput
 from search.fold import fold
+from search.symbolic import S
 from search.saved import annotate_saved
 from search.specialize import Specializer
 from search.strategy import ilp_select
@@ -241,3 +242,44 @@ def test_auto_parallelize_runs_the_piece_for_the_input_length():
             assert got["seq_len"] == s
             assert got["loss"] <= 1e-5 and got["grad"] <= 1e-5 and got["compared"] >= got["params"] - 1  # tied head
         assert "no plan" in rank_out[240]["error"] and "S = 232..256" in rank_out[240]["error"]
+
+
+def _toy_search(v: int, bounds, priced: list | None = None):
+    """A toy planner over three configurations of one tier whose step time and memory grow with v:
+    ``quad`` is fast at small v, then ``lin``, then ``late``: fastest, but only valid from v = 4000
+    on (an attention variant that needs enough tokens per rank: priced, invalid, its memory fits)."""
+    from search.range import Outcome
+
+    costs = {("1", "quad"): (1e-3 * v * v, 10.0 * v, True), ("1", "lin"): (2.0 * v, 5.0 * v, True),
+             ("1", "late"): (1.5 * v, 4.0 * v, v >= 4000)}
+    got = {}
+    for sweep in bounds.passes() if bounds is not None else [None]:
+        for config, (t, mem, valid) in costs.items():
+            if sweep is not None and sweep.skip(config):
+                continue
+            got[config] = (t, mem, valid and mem <= 40_000)
+            if priced is not None:
+                priced.append((v, config))
+            if sweep is not None:
+                sweep.saw(config, t, got[config][2])
+    feasible = sorted((t, c) for c, (t, _, f) in got.items() if f)
+    win = feasible[0][1] if feasible else None
+    return Outcome(win, win, got, configs={c: (t, m <= 40_000) for c, (t, m, _) in got.items()}, config=win,
+                   skipped=bounds.skipped if bounds is not None else 0)
+
+
+def test_bounded_range_search_equals_the_full_one():
+    """``search.range.Bounds`` only skips what cannot win: the pieces of a toy range (a time crossing, a
+    configuration that becomes valid part-way, memory limits) are those of unbounded searches, every
+    value searched has the full search's winner, and the bounded searches price fewer configurations."""
+    from search.range import plan_range
+
+    priced_full, priced_bounded = [], []
+    full = plan_range(lambda v, b: _toy_search(v, None, priced_full), 16, 12000, 16, 40_000, S)
+    bounded = plan_range(lambda v, b: _toy_search(v, b, priced_bounded), 16, 12000, 16, 40_000, S)
+    pieces = [(p.lo, p.outcome.decision) for p in full.pieces]
+    assert pieces == [(16, ("1", "quad")), (2000, ("1", "lin")), (4000, ("1", "late")), (10016, None)]
+    assert [(p.lo, p.outcome.decision) for p in bounded.pieces] == pieces
+    for v, o in bounded.evaluated.items():
+        assert o.decision == _toy_search(v, None).decision, v
+    assert len(priced_bounded) < len(priced_full)
