@@ -666,14 +666,18 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 DECISION_KEYS = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
+STAGE_PREDICTIONS = ("time_per_microbatch_s", "fwd_per_microbatch_s", "wgrad_per_microbatch_s", "peak_memory_bytes")
 
 
 def decision(d: dict) -> dict:
     """What makes two plan dicts the same plan (what the passes read; the rest are predictions): the
-    ``DECISION_KEYS`` and the attention variant, degree, inner group and layout."""
+    ``DECISION_KEYS`` (pipeline stages without their predicted times and memory) and the attention
+    variant, degree, inner group and layout."""
     sp = d["sequence_parallel"]
-    return {**{k: d[k] for k in DECISION_KEYS},
-            "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}
+    out = {k: d[k] for k in DECISION_KEYS}
+    out["pipeline"] = {**d["pipeline"], "stages": [{k: v for k, v in st.items() if k not in STAGE_PREDICTIONS}
+                                                   for st in d["pipeline"]["stages"]]}
+    return {**out, "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}
 
 
 def tp_summary(tp: dict) -> list[tuple[str, str, int, int]]:

@@ -394,3 +394,21 @@ def test_diff_names_stage_cuts_breakdown_and_other_fields():
               "predicted comm bytes: 987,654,321 -> 1,975,308,642 (+100.0%)",
               "breakdown allreduce: 10.000 ms -> 20.000 ms", "also changed: alternatives"):
         assert s in text, (s, text)
+
+
+def test_decision_ignores_predicted_stage_times_and_memory():
+    """Two pipeline plans with the same cuts are one plan (a range over S would otherwise see a new
+    plan at every length: the stages' predicted times grow with it); other cuts are another plan."""
+    from pathlib import Path
+
+    from planner.plan import decision
+
+    d = json.loads((Path(__file__).parent / "golden" / "gpt2-small_a100_4_pp4_1f1b.json").read_text())
+    longer = copy.deepcopy(d)
+    for st in longer["pipeline"]["stages"]:
+        st["time_per_microbatch_s"] *= 2
+        st["peak_memory_bytes"] += 1
+    assert decision(longer) == decision(d)
+    recut = copy.deepcopy(d)
+    recut["pipeline"]["stages"][0]["regions"][1] += 1
+    assert decision(recut) != decision(d)

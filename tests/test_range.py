@@ -18,7 +18,7 @@ from planner.api import load_cluster, make_plan, make_plan_from_spec
 from planner.capture import capture, capture_symbolic
 from planner.cli import main
 from planner.models import resolve_model
-from planner.plan import Plan
+from planner.plan import Plan, decision
 from search.baseline import enumerate_candidates
 from search.errors import BadInput
 from search.fold import fold
@@ -283,3 +283,18 @@ def test_bounded_range_search_equals_the_full_one():
     for v, o in bounded.evaluated.items():
         assert o.decision == _toy_search(v, None).decision, v
     assert len(priced_bounded) < len(priced_full)
+
+
+def test_pipeline_range_pieces_are_cut_changes():
+    """A range with a pinned pipeline: a piece per stage layout (not per length: stage predictions are
+    not part of a plan's decision), each the fresh plan on both sides of every breakpoint."""
+    kw = dict(cluster="a100-80g", devices=4, global_batch=4, fix={"pp": 2}, memory_limit_gib=10 / 1024)
+    r = make_plan_from_spec("gpt-tiny", seq_len=(16, 2048), **kw).range
+    assert 2 <= len(r["pieces"]) <= 8 and len(r["samples"]) < 40
+    model, args, kwargs = build("gpt-tiny", batch=4, seq=2048)
+    cl = load_cluster("a100-80g", 4)
+    for v in sorted({x for b in r["breakpoints"] for x in (b["at"] - r["step"], b["at"])}):
+        fresh = make_plan(model, (tuple(a[:, :v] for a in args), kwargs), cl, global_batch=4, fix={"pp": 2},
+                          memory_limit=kw["memory_limit_gib"] * 2**30, name="gpt-tiny")
+        piece = next(p for p in r["pieces"] if p["lo"] <= v <= p["hi"])
+        assert decision(fresh.to_dict()) == decision(piece["plan"]), v
