@@ -96,7 +96,8 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
     folding = folding if folding is not None else fold(mg)
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
-    regions = cache(partial(chunk_regions, mg, folding))  # probed only if some candidate's memory binds
+    # probed only if some candidate's memory binds; grouped by the blocks also under --no-fold
+    regions = cache(partial(chunk_regions, mg, folding.unrolled or folding))
     spaces: dict[int, Space] = {}
 
     def mesh(pp: int, tp: int, sp: int, sweep) -> list[Candidate]:

@@ -74,6 +74,9 @@ class Folding:
 
     templates: tuple[Template, ...]
     regions: tuple[Region, ...]   # graph order
+    # no_fold's: the folding it unrolls. Activation chunking chunks a region kind in every instance of
+    # a block at once, so it groups regions by these templates either way (the same space to search)
+    unrolled: "Folding | None" = None
 
     def template(self, tid: str) -> Template:
         return next(t for t in self.templates if t.id == tid)
@@ -153,7 +156,7 @@ def no_fold(mg: ModelGraph) -> Folding:
             templates.append(replace(t, id=tid, instances=(r.scope,)))
             r = replace(r, template=tid, instance=0)
         regions.append(r)
-    return Folding(tuple(templates), tuple(regions))
+    return Folding(tuple(templates), tuple(regions), folded)
 
 
 def _numbered_prefixes(scope: str) -> list[str]:

@@ -303,3 +303,20 @@ def test_different_shapes_give_different_hashes():
     a, b = fold(_zoo("gpt-tiny")), fold(_zoo("gpt-tiny", seq=16))
     assert a.templates[0].num_nodes == b.templates[0].num_nodes
     assert a.templates[0].hash != b.templates[0].hash
+
+
+@pytest.mark.parametrize("mib", [6, 5, 4])
+def test_no_fold_search_chunks_the_same_regions(mib):
+    """--no-fold is the oracle of the folded search, so its space is the same: activation chunking
+    chunks a region kind in every instance of a block at once under both (no_fold keeps the folding it
+    unrolls for that), and both pick the same plan when memory binds."""
+    from search.baseline import enumerate_candidates
+    from search.cluster import get_cluster
+    from search.strategy import ilp_select
+
+    mg = capture(*build("gpt-tiny", batch=2, seq=1024), name="gpt-tiny")
+    wins = [enumerate_candidates(mg, get_cluster("a100-80g", 2), global_batch=2, dtype="bf16", select=ilp_select,
+                                 folding=f, memory_limit=mib * 2**20, fix={"recompute": "none", "sp": 1})[0]
+            for f in (fold(mg), no_fold(mg))]
+    assert wins[0].chunking and wins[0].chunking[0]["scope"] == "blocks.*.mlp"
+    assert [(w.key(), w.chunking, w.step_time_s) for w in wins][0] == [(w.key(), w.chunking, w.step_time_s) for w in wins][1]
