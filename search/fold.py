@@ -35,7 +35,7 @@ import hashlib
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -76,7 +76,7 @@ class Folding:
     regions: tuple[Region, ...]   # graph order
     # no_fold's: the folding it unrolls. Activation chunking chunks a region kind in every instance of
     # a block at once, so it groups regions by these templates either way (the same space to search)
-    unrolled: "Folding | None" = None
+    unrolled: "Folding | None" = field(default=None, compare=False)
 
     def template(self, tid: str) -> Template:
         return next(t for t in self.templates if t.id == tid)
