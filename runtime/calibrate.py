@@ -18,11 +18,10 @@ caches and memory bandwidth. Each rank runs with one thread, as the runtime does
 - gloo all-reduce between the ``ranks`` processes on 127.0.0.1: median times of the message sizes
   training sends (``FIT_BYTES``: a 512 KiB activation and a 16 MiB gradient bucket), fitted to the ring
   model T(n) = 2(p−1)/p · n/B + 2(p−1)α (least squares in relative error: exact through two sizes).
-  Not through a 4-byte message: with
-  more ranks than cores, a rank blocked in a receive waits to be scheduled again, so every message
-  from a few KiB up costs a floor of milliseconds that a 4-byte one (0.6–0.8 ms) does not show (4
-  ranks on 2 cores: 16 KiB to 1 MiB all take 4–5 ms; 2 ranks: 0.3–0.8 ms). One machine has one
-  link, so inter_* = intra_*;
+  Not through a 4-byte message: with more ranks than cores, a rank blocked in a receive waits to be
+  scheduled again, so every message from a few KiB up costs a floor of milliseconds that a 4-byte one
+  (0.6–0.8 ms) does not show (4 ranks on 2 cores: 16 KiB to 1 MiB all take 4–5 ms; 2 ranks:
+  0.3–0.8 ms). One machine has one link, so inter_* = intra_*;
 - ``collective_factor``: the bandwidth term of a 16 MiB reduce-scatter and all-gather (measured time
   minus (p−1)α) over the ring model's (p−1)/p · n/B (gloo reduce-scatters by an all-reduce: about 2;
   what ZeRO's price uses).

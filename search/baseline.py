@@ -346,10 +346,11 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     c.breakdown = {"compute": compute, "tp_all_reduce": tp_time, "dp_gradients": dp_time}
     c.comm_bytes = tp_bytes + dp_bytes
     if c.megatron_sp:  # boundary all-gathers per microbatch, one all-reduce per norm weight's gradient per step
-        grads, n = msp.grad_sums * DTYPE_BYTES[dtype], max(msp.grad_sum_count, 1)
+        grads = msp.grad_sums * DTYPE_BYTES[dtype]
         c.breakdown["tp_all_reduce"] += m * sum(cost.collective_time("all_gather", b * per_sample * sp, st.tp, cl,
                                                                      spans_nodes=tp_spans) for b in msp.gathers) \
-            + n * cost.collective_time("all_reduce", grads / n, st.tp, cl, spans_nodes=tp_spans)
+            + cost.collective_time("all_reduce", grads, st.tp, cl, spans_nodes=tp_spans,
+                                   calls=max(msp.grad_sum_count, 1))
         c.comm_bytes += m * sum(cost.bytes_sent_per_rank("all_gather", b * per_sample * sp, st.tp) for b in msp.gathers) \
             + cost.bytes_sent_per_rank("all_reduce", grads, st.tp)
     if sp > 1:

@@ -101,8 +101,8 @@ def dp_sync(params: int, cl: Cluster, dtype: str, dp: int, zero: int, m: int, dp
     # ZeRO packs every gathered parameter and reduce-scattered gradient through a flat buffer: one read
     # and one write of the whole tensor per collective (memory bound; what FSDP2 copies in and out)
     packing = sum(2 * b * n for k, b, n in kinds) / cl.memory_bandwidth if zero and dp > 1 else 0.0
-    calls = units if zero else 1
-    t = sum(n * calls * cost.collective_time(k, b / calls, dp, cl, spans_nodes=dp_spans) for k, b, n in kinds)
+    t = sum(n * cost.collective_time(k, b, dp, cl, spans_nodes=dp_spans, calls=units if zero else 1)
+            for k, b, n in kinds)
     sent = sum(n * cost.bytes_sent_per_rank(k, b, dp) for k, b, n in kinds)
     if dp > 1:
         t += m * cost.collective_time("all_reduce", LOSS_BYTES, dp, cl, spans_nodes=dp_spans)

@@ -51,15 +51,18 @@ def bytes_sent_per_rank(kind: str, nbytes: float, group_size: int) -> float:
 
 
 def collective_time(kind: str, nbytes: float, group_size: int, cluster: Cluster, *,
-                    spans_nodes: bool) -> float:
+                    spans_nodes: bool, calls: int = 1) -> float:
     """Ring alpha-beta time (seconds) of one collective; B, α are the inter-node link when the
     group spans nodes (the slowest link it uses), else the intra-node link.
 
     all-reduce 2(p−1)/p·n/B + 2(p−1)α; all-gather, reduce-scatter (p−1)/p·n/B + (p−1)α;
     all-to-all (p−1)/p·n/B; p2p n/B + α; p == 1 -> 0. The bandwidth term is scaled by the cluster's
-    measured ``factor(kind)`` (1 on the built-in GPU profiles).
+    measured ``factor(kind)`` (1 on the built-in GPU profiles). ``calls``: the ``nbytes`` moved as that
+    many equal collectives (the same bandwidth term, ``calls`` latencies).
     """
     _check(kind, group_size)
+    if calls > 1:
+        return calls * collective_time(kind, nbytes / calls, group_size, cluster, spans_nodes=spans_nodes)
     p = group_size
     if p == 1:
         return 0.0

@@ -245,9 +245,9 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     for r in regions:
         if r.template is not None:
             r.keys = [c.key for c in choices if c.template == r.template]
-    in_blocks = sum(len(folding.template(t).instances) * w.params for t, w in one.items())
-    units = (base.params - in_blocks, max((w.params for w in one.values()), default=0.0),
-             sum(len(folding.template(t).instances) for t in one))
+    count = {t: len(folding.template(t).instances) for t in one}
+    units = (base.params - sum(count[t] * w.params for t, w in one.items()),
+             max((w.params for w in one.values()), default=0.0), sum(count.values()))
     return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm), units)
 
 
