@@ -24,7 +24,7 @@ from search.graph import ModelGraph
 from search.candidate import DTYPE_BYTES, Candidate, dp_sync, work_time
 from search import chunking
 from search.chunking import ChunkRegion, chunk_regions
-from search.fold import Folding, fold
+from search.fold import Folding, excerpt, fold
 from search.memory import model_state_bytes
 from search import seqpar
 from search.pipeline import SCHEDULES, pipeline_candidates, regions_for
@@ -93,8 +93,8 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
     pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
         [p for p in _divisors(devices) if p > 1 or not pipelined]
-    sps, dsp = _sequence_degrees(mg, fix, devices, pipelined)
     folding = folding if folding is not None else fold(mg)
+    sps, dsp = _sequence_degrees(mg, excerpt(mg.gm, folding).gm, fix, devices, pipelined)
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
     # probed only if some candidate's memory binds; grouped by the blocks also under --no-fold
     regions = cache(partial(chunk_regions, mg, folding.unrolled or folding))
@@ -150,11 +150,12 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     return out
 
 
-def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) -> tuple[list[int], bool]:
+def _sequence_degrees(mg: ModelGraph, gm, fix: dict, devices: int, pipelined: bool) -> tuple[list[int], bool]:
     """The sequence-parallel degrees to price — the divisors of the devices that leave every rank at
     least ``seqpar.MIN_TOKENS`` tokens (a pinned sp is always priced) — and whether the graph shards
     by DSP (a spatial-temporal model, ``search.dsp``) instead of token sharding (``search.seqshard``).
-    [1] when it can do neither (a pinned sp > 1 then says why)."""
+    [1] when it can do neither (a pinned sp > 1 then says why). ``gm``: the graph whose token
+    sharding is tried (the folding's excerpt of ``mg.gm``: a check whose cost does not grow with depth)."""
     want = fix.get("sp")
     if want == 1 or (pipelined and want is None):
         return [1], False
@@ -163,7 +164,7 @@ def _sequence_degrees(mg: ModelGraph, fix: dict, devices: int, pipelined: bool) 
                        "so far; use --fix pp=1 or sp=1")
     dsp, tokens = False, mg.seq_len
     try:
-        propagate_seq(mg.gm, seq_len=mg.seq_len, sp=2)
+        propagate_seq(gm, seq_len=mg.seq_len, sp=2)
     except Unsupported as exc:
         try:
             one = dsp_layout(mg.gm, 1)

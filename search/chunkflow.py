@@ -105,22 +105,22 @@ def scope_region(gm: fx.GraphModule, scope: str, exclude: tuple[str, ...] = ()) 
             and under(_scope(n), scope) and not any(under(_scope(n), e) for e in exclude)]
 
 
-def region_between(gm: fx.GraphModule, first: str, last: str) -> list[str]:
-    """Names of the nodes on a path from node ``first`` to node ``last`` (both included)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    down, stack = set(), [nodes[first]]
+def region_between(first: fx.Node, last: fx.Node) -> list[str]:
+    """Names of the nodes on a path from ``first`` to ``last`` (both included), in graph order. Visits
+    only nodes between the two (O(region), not O(graph))."""
+    down, stack = set(), [first]
     while stack:
         n = stack.pop()
-        if n not in down:
+        if n not in down and not n > last:
             down.add(n)
             stack.extend(n.users)
-    up, stack = set(), [nodes[last]]
+    up, stack = set(), [last]
     while stack:
         n = stack.pop()
         if n not in up and n in down:
             up.add(n)
             stack.extend(n.all_input_nodes)
-    return [n.name for n in gm.graph.nodes if n in up]
+    return [n.name for n in sorted(up)]
 
 
 # --------------------------------------------------------------------------------------- analysis

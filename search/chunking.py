@@ -162,13 +162,18 @@ def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], s
     regions, of what is alive when the backward reaches its last instance (every instance's saved bytes,
     less one instance of each region listed after it, whose last instance ran backward already) plus
     its transient."""
-    def scaled(r):
-        return scale(r) if scale is not None else 1.0
-
-    kept = [chunk_memory(r, chunks.get(r))[0] * scaled(r) for r in regions]
+    kept, peaks = [], []
+    for r in regions:
+        k = scale(r) if scale is not None else 1.0
+        saved, transient = chunk_memory(r, chunks.get(r))
+        kept.append(saved * k)
+        peaks.append(transient * k)
     alive = sum(r.instances * b for r, b in zip(regions, kept))
-    return max((alive - sum(kept[i + 1:]) + chunk_memory(r, chunks.get(r))[1] * scaled(r)
-                for i, r in enumerate(regions)), default=0.0)
+    worst, later = 0.0, 0.0  # later: one instance of each region after i (its last ran backward)
+    for i in reversed(range(len(regions))):
+        worst = max(worst, alive - later + peaks[i])
+        later += kept[i]
+    return worst
 
 
 def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: float, launches: int = 1) -> float:
@@ -186,8 +191,10 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
     regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of ``seconds(region, k)``,
     each with the fewest chunks of ``ks`` that close the remaining gap, or else that free the most,
     until the gap closes. Returns ({region: chunks}, the predicted drop, :func:`chunk_drop`)."""
-    def drop(chosen):
-        return chunk_drop(regions, chosen, scale)
+    unchunked = _backward_peak(regions, {}, scale)
+
+    def drop(chosen):  # chunk_drop, with the unchunked peak computed once
+        return unchunked - _backward_peak(regions, chosen, scale)
 
     def ways(r):
         return [k for k in ks if k <= r.size] or [1]
@@ -395,7 +402,7 @@ def _attention(nodes: list[fx.Node], sdpa: fx.Node) -> list[str] | None:
     after = [n for n in nodes if n in below]
     linears = [n for n in after if _op(n) == "linear"]
     last = linears[-1] if linears else after[-1]
-    path = set(region_between(sdpa.graph.owning_module, sdpa.name, last.name))
+    path = set(region_between(sdpa, last))
     return [n.name for n in nodes if n in q or n.name in path]
 
 
@@ -408,7 +415,7 @@ def _lm_head(gm: fx.GraphModule, nodes: list[fx.Node], scope: str) -> list[str] 
     linears = [n for n in nodes if _op(n) == "linear" and _scope(n) == scope and n in up]
     if not linears:
         return None
-    names = region_between(gm, linears[-1].name, loss.name)
+    names = region_between(linears[-1], loss)
     if sum(_op(n) == "linear" for n in gm.graph.nodes if n.name in set(names)) > 1:
         return None  # another linear follows: this one is not the head
     return names

@@ -217,3 +217,53 @@ def _attr_sig(gm: fx.GraphModule, target: str) -> tuple:
     for part in target.split("."):
         obj = getattr(obj, part)
     return _val_sig(obj) if isinstance(obj, torch.Tensor) else (type(obj).__name__,)
+
+
+@dataclass(frozen=True)
+class Excerpt:
+    """A smaller graph that stands for ``gm`` in analyses that look only at a block's neighbours (the
+    Megatron-SP layout, ``search.space.megatron_sp``): every node outside repeated blocks, and of each
+    template with k >= 4 instances the first, the second and the last (the second's inputs stay the
+    first's outputs, the last reads the second's). ``weight[name]``: the nodes of ``gm`` a kept node
+    stands for (k - 2 for the second instance, whose neighbours are blocks on both sides like those
+    of the k - 3 dropped ones; 1 otherwise, and for every node when nothing is dropped)."""
+
+    gm: fx.GraphModule
+    weight: dict[str, int]
+
+
+def excerpt(gm: fx.GraphModule, folding: Folding) -> Excerpt:
+    """The :class:`Excerpt` of ``gm``: built once per folding (kept in ``gm.meta``), in O(nodes kept)
+    plus one pass over the graph."""
+    cached = gm.meta.get("excerpt")
+    if cached is None or cached[0] is not folding:
+        gm.meta["excerpt"] = cached = (folding, _excerpt(gm, folding))
+    return cached[1]
+
+
+def _excerpt(gm: fx.GraphModule, folding: Folding) -> Excerpt:
+    stand: dict[str, str] = {}     # dropped node -> the second instance's node at its position
+    weight: dict[str, int] = {}
+    for t in folding.templates:
+        insts = folding.instances(t.id)
+        if len(insts) < 4:
+            continue
+        for names in zip(*(r.nodes for r in insts[1:-1])):
+            weight[names[0]] = len(insts) - 2
+            stand.update((n, names[0]) for n in names[1:])
+    if not stand:
+        return Excerpt(gm, {})
+    nodes = list(gm.graph.nodes)
+    members = {n for r in folding.regions for n in r.nodes}
+    for node in reversed(nodes):  # parameters and other helpers that only dropped nodes read
+        if node.name not in members and node.users and node.op in ("get_attr", "call_function"):
+            if all(u.name in stand for u in node.users):
+                stand[node.name] = ""
+            elif len(w := {weight.get(u.name, 1) for u in node.users}) == 1 and w != {1}:
+                weight[node.name] = w.pop()
+    graph, env = fx.Graph(), {}
+    for node in nodes:
+        if node.name not in stand:
+            env[node.name] = graph.node_copy(node, lambda a: env[stand.get(a.name) or a.name])
+            assert env[node.name].name == node.name, f"excerpt renamed {node.name}"
+    return Excerpt(fx.GraphModule(gm, graph), weight)

@@ -46,7 +46,7 @@ def attention_cores(gm: fx.GraphModule) -> list[list[str]]:
         elif op in _SOFTMAX:
             score, av = _nearest(node, "up"), _nearest(node, "down")
             if score is not None and av is not None:
-                cores.append(region_between(gm, score.name, av.name))
+                cores.append(region_between(score, av))
     return cores
 
 

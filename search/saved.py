@@ -86,14 +86,13 @@ def annotate_saved(gm: fx.GraphModule, number=int, folding=None) -> Census:
     return gm.meta["saved_census"]
 
 
-def checkpoint_bytes(gm: fx.GraphModule, region: list[str]) -> tuple[int, int]:
+def checkpoint_bytes(gm: fx.GraphModule, region: list[str], nodes: dict[str, fx.Node]) -> tuple[int, int]:
     """(freed, kept) if ``region`` runs under checkpoint: the bytes of saved storages its nodes created
     that only its nodes save, and the bytes of its activation inputs' storages that nothing saves (the
-    checkpoint keeps them alive)."""
+    checkpoint keeps them alive). ``nodes``: ``gm``'s nodes by name."""
     c = annotate_saved(gm)
     members = set(region)
     freed = sum(c.nbytes[k] for name in region for k in c.saved_by_owner.get(name, ()) if c.savers[k] <= members)
-    nodes = {n.name: n for n in gm.graph.nodes}
     inputs = {c.out_storage.get(a.name) for name in region for a in nodes[name].all_input_nodes
               if a.name not in members}
     kept = sum(c.nbytes[k] for k in inputs if k in c.owner and k not in c.savers)

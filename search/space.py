@@ -15,11 +15,11 @@ outside blocks), not O(depth). With ``no_fold`` every instance is its own templa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, lru_cache, partial
 from typing import Callable
 
-from search.fold import Folding, fold, no_fold
+from search.fold import Folding, excerpt, fold, no_fold
 from search.graph import ModelGraph
 from search.placement import Cone, Unsupported, bias_of, megatron_cones, module_of, op_name, propagate, weight_of
 from search.recompute import attention_cores
@@ -143,6 +143,8 @@ class Space:
     # the emitted FSDP's units (each repeated block one, the rest the root unit): (parameters outside the
     # blocks, parameters of the largest block, replicated; number of blocks)
     units: tuple[float, float, int] = (0.0, 0.0, 0)
+    folding: Folding | None = None          # what the choices fold over (the Megatron-SP layout's excerpt)
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def region_sharded(self, r: RegionWork) -> Work:
         """``r`` with every cone it holds sharded (the full Megatron layout of one region)."""
@@ -154,7 +156,14 @@ class Space:
 
     def layout(self, picks: dict[str, int]) -> TPStats:
         """The layout that shards the first ``picks[key]`` instances of each choice. The largest block
-        is a template's last instance: it holds a cone only when every instance does."""
+        is a template's last instance: it holds a cone only when every instance does. Kept per
+        ``picks``: every (ZeRO, microbatch, recompute) of a mesh prices the same few layouts."""
+        key = tuple(sorted((k, n) for k, n in picks.items() if n))
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(picks)
+        return self._layouts[key]
+
+    def _layout(self, picks: dict[str, int]) -> TPStats:
         work = self.base
         largest = {t: one for t, (_, one) in self.block_acts.items()}
         for c in self.choices:
@@ -193,12 +202,7 @@ class _Crossing(Exception):
 
 def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     gm = mg.gm
-    nodes = {n.name: n for n in gm.graph.nodes}
-    cores = attention_cores(gm)
-    core = frozenset(n for c in cores for n in c)
-    for c in cores:  # what checkpointing the core frees, net of the inputs it then keeps alive
-        freed, kept = checkpoint_bytes(gm, c)
-        nodes[c[0]].meta["core_freed"] = freed - kept
+    nodes, core, transient = _graph_facts(gm)
     base = Work(params=sum(math.prod(s) for s in mg.param_shapes.values()))
     block_inputs = 0.0
     block_acts: dict[str, tuple[int, Work]] = {}
@@ -248,7 +252,21 @@ def _build(mg: ModelGraph, tp: int, folding: Folding) -> Space:
     count = {t: len(folding.template(t).instances) for t in one}
     units = (base.params - sum(count[t] * w.params for t, w in one.items()),
              max((w.params for w in one.values()), default=0.0), sum(count.values()))
-    return Space(tp, base, block_inputs, block_acts, choices, regions, backward_transient(gm), units)
+    return Space(tp, base, block_inputs, block_acts, choices, regions, transient, units, folding)
+
+
+def _graph_facts(gm) -> tuple[dict, frozenset, float]:
+    """(node by name, names of the attention cores' nodes, :func:`backward_transient`) of ``gm``, the
+    same for every tp degree: computed once (kept in ``gm.meta``). Writes each core's first node's
+    ``meta["core_freed"]``: what checkpointing the core frees, net of the inputs it then keeps alive."""
+    if "space_facts" not in gm.meta:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        cores = attention_cores(gm)
+        for c in cores:
+            freed, kept = checkpoint_bytes(gm, c, nodes)
+            nodes[c[0]].meta["core_freed"] = freed - kept
+        gm.meta["space_facts"] = (nodes, frozenset(n for c in cores for n in c), backward_transient(gm))
+    return gm.meta["space_facts"]
 
 
 def backward_transient(gm) -> float:
@@ -283,26 +301,30 @@ class MegatronSP:
 
 def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
     """Megatron-SP for the full layout of ``space`` (``search.placement.propagate(sequence=True)``),
-    or None when the graph does not allow it. O(nodes): it reads every instance."""
+    or None when the graph does not allow it. Propagated on the folding's :class:`search.fold.Excerpt`
+    (three instances per template, weighted), so its cost does not grow with depth."""
     if space.tp == 1:
         return None
+    ex = excerpt(mg.gm, space.folding)
     styles = space.layout(space.all_sharded()).styles
     try:
-        layout = propagate(mg.gm, styles, space.tp, sequence=True)
+        layout = propagate(ex.gm, styles, space.tp, sequence=True)
     except Unsupported:
         return None
-    nodes = {n.name: n for n in mg.gm.graph.nodes}
+    nodes = {n.name: n for n in ex.gm.graph.nodes}
     closers = set(layout.reduce_after)
     delta = Work()
     for name in layout.seq_dims:
         node = nodes[name]
         if name not in closers and "autopar" in node.meta:
             in_block = bool(node.meta["autopar"].scope)
-            delta = delta + _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
-    gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather])
-    summed = [nodes[n] for n in layout.seq_grad_sum if nodes[n].op == "get_attr"]
-    grad_sums = sum(math.prod(mg.param_shapes.get(n.target, ())) for n in summed)
-    return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums, len(summed))
+            one = _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
+            delta = delta + (one.scaled(ex.weight[name]) if name in ex.weight else one)
+    gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather]
+                    for _ in range(ex.weight.get(n, 1)))
+    summed = [(nodes[n], ex.weight.get(n, 1)) for n in layout.seq_grad_sum if nodes[n].op == "get_attr"]
+    grad_sums = sum(k * math.prod(mg.param_shapes.get(n.target, ())) for n, k in summed)
+    return MegatronSP(replace(delta, allreduces=(), attention=()), gathers, grad_sums, sum(k for _, k in summed))
 
 
 def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool, core: frozenset) -> Work:

@@ -60,14 +60,16 @@ def _step(gm, args) -> tuple[torch.Tensor, dict]:
 def _attention(gm, attn: str, proj: str) -> list[str]:
     """Query path of ``attn``: its first view (q's) through SDPA to the output projection."""
     names = scope_region(gm, attn)
-    q_view = next(n.name for n in gm.graph.nodes if n.name in names and n.target == torch.ops.aten.view.default)
-    return region_between(gm, q_view, scope_region(gm, proj)[0])
+    q_view = next(n for n in gm.graph.nodes if n.name in names and n.target == torch.ops.aten.view.default)
+    first_proj = scope_region(gm, proj)[0]
+    return region_between(q_view, next(n for n in gm.graph.nodes if n.name == first_proj))
 
 
 def _loss_head(gm, head: str) -> list[str]:
     """The head's linear through the cross-entropy."""
-    loss = next(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default)
-    return region_between(gm, scope_region(gm, head)[0], loss)
+    loss = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default)
+    first = scope_region(gm, head)[0]
+    return region_between(next(n for n in gm.graph.nodes if n.name == first), loss)
 
 
 def _tri_mul(gm):  # the per-row part: everything but the input norm and the edge b every row needs
