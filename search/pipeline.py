@@ -77,13 +77,15 @@ class Regions:
     kept: list[float]         # ... with full recompute (block inputs, activations outside blocks)
     largest: float            # one region's activations at most (recomputed one block at a time)
     send: list[float]         # bytes a cut before region i sends (per microbatch, each direction)
+    blocks: list[int]         # repeated blocks (ZeRO shards each as its own FSDP unit)
 
     @classmethod
-    def build(cls, rows: list[tuple[float, float, int, float, float, float, float]]) -> "Regions":
-        """``rows``: (time, fwd time, wgrad time, params, act, kept, region act, input bytes) per region."""
+    def build(cls, rows: list[tuple[float, float, float, int, float, float, float, float, bool]]) -> "Regions":
+        """``rows``: (time, fwd time, wgrad time, params, act, kept, region act, input bytes, is a block)
+        per region."""
         cols = list(zip(*rows))
         pre = [list(accumulate(c, initial=0)) for c in cols[:6]]
-        return cls(*pre, max(cols[6], default=0.0), list(cols[7]))
+        return cls(*pre, max(cols[6], default=0.0), list(cols[7]), list(accumulate(map(int, cols[8]), initial=0)))
 
     def __len__(self) -> int:
         return len(self.time) - 1
@@ -194,7 +196,7 @@ def regions_for(space: Space, cl: Cluster, dtype: str, scale: float, *, micro: i
         fwd, wgrad = (t * w.fwd_flops / flops, t * w.wgrad_flops / flops) if flops else (t / 3, t / 3)
         act = w.act_bytes * per_sample
         kept = act if r.template is None else r.input_bytes * per_sample
-        rows.append((t, fwd, wgrad, w.params, act, kept, act, r.input_bytes * per_sample))
+        rows.append((t, fwd, wgrad, w.params, act, kept, act, r.input_bytes * per_sample, r.template is not None))
     return Regions.build(rows)
 
 
@@ -264,8 +266,11 @@ def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats
         for d in range(pp):
             own = [ch for ch in chunks if ch.rank == d]
             params = sum(ch.params for ch in own)
+            # as emitted (passes.zero): each chunk an FSDP root unit, each block in it a unit of its own
+            units = sum(1 + rg.blocks[b] - rg.blocks[a] for a, b in (ch.regions for ch in own))
             devices.append((sum(ch.time_s for ch in own), sum(ch.fwd_s for ch in own), sum(ch.wgrad_s for ch in own),
-                            mem(d, [ch.regions for ch in own]), dp_sync(params, cl, dtype, dp, zero, m, spans[1])))
+                            mem(d, [ch.regions for ch in own]),
+                            dp_sync(params, cl, dtype, dp, zero, m, spans[1], units=units)))
         for ch in chunks:
             ch.memory = devices[ch.rank][3]
         t, fwd, wgrad, _, _ = max(devices, key=lambda x: x[0])

@@ -18,7 +18,7 @@ def _regions(times, params=None, act=None):
     n = len(times)
     params = params or [0] * n
     act = act or [0.0] * n
-    rows = [(t, t / 3, t / 3, p, a, a, a, 0.0) for t, p, a in zip(times, params, act)]
+    rows = [(t, t / 3, t / 3, p, a, a, a, 0.0, True) for t, p, a in zip(times, params, act)]
     return Regions.build(rows)
 
 
@@ -148,3 +148,29 @@ def test_explain_timeline_picture(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "simulated idle" in capsys.readouterr().out
     assert main(["explain", str(GOLDEN / "gpt-tiny_a100_8.json"), "--timeline", str(tmp_path / "x.png")]) == 2
     assert "not pipelined" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule, units", [("1f1b", [2, 2]), ("interleaved", [3, 3])])
+def test_pipeline_zero_prices_one_collective_per_fsdp_unit(schedule, units):
+    """ZeRO-1 in a pipeline moves each rank's gradients per FSDP unit, as ``passes.zero`` emits them: each
+    model chunk a root unit and each block in it its own (gpt-tiny: embedding, 2 blocks, head)."""
+    from examples.zoo import build
+    from planner.capture import capture
+    from search.baseline import enumerate_candidates
+    from search.candidate import dp_sync
+    from search.cluster import get_cluster
+
+    model, args, _ = build("gpt-tiny", batch=8)
+    mg = capture(model, args)
+    cl = get_cluster("a100-80g", 4)
+    (c,) = enumerate_candidates(mg, cl, global_batch=8, dtype="bf16",
+                                fix={"pp": 2, "dp": 2, "zero": 1, "schedule": schedule, "microbatches": 4,
+                                     "recompute": "none"})
+    per_rank = [[s for s in c.stages if s.rank == r] for r in range(2)]
+    blocks = [sum(1 + sum(1 <= i <= 2 for i in range(*s.regions)) for s in own) for own in per_rank]
+    assert blocks == units
+    expect = max(dp_sync(sum(s.params for s in own), cl, "bf16", 2, 1, 4, False, units=u)[0]
+                 for own, u in zip(per_rank, units))
+    assert c.breakdown["dp_gradients"] == pytest.approx(expect, rel=1e-12)
+    one_unit = max(dp_sync(sum(s.params for s in own), cl, "bf16", 2, 1, 4, False)[0] for own in per_rank)
+    assert c.breakdown["dp_gradients"] > one_unit  # more latencies than one collective per kind
