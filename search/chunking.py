@@ -106,7 +106,7 @@ from search.chunkflow import (MEAN_OPS, ChunkError, ChunkFlow, _kwargs, _op, _sc
 from search import cost
 from search.cluster import Cluster
 from search.fold import Folding, fold
-from search.graph import ModelGraph
+from search.graph import ModelGraph, expression
 from search.space import _node_work
 
 __all__ = ["ChunkRegion", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
@@ -216,9 +216,18 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
 
 
 def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkRegion]:
-    """The chunkable regions of ``mg`` (see the module docstring), in graph order of their first node."""
-    folding = folding if folding is not None else fold(mg)
+    """The chunkable regions of ``mg`` (see the module docstring), in graph order of their first node.
+
+    On a symbolic capture (``planner.capture.capture_symbolic``) the numbers are sympy expressions in B
+    and S and ``transient_bytes`` is the probe's timeline (:func:`peak_above` of it at a point);
+    ``search.specialize`` evaluates them, and a graph it specialises carries its regions so (in
+    ``gm.meta["chunk_regions"]``): the same regions and numbers as probing the point, without probing."""
     gm = mg.gm
+    if "chunk_regions" in gm.meta:
+        return gm.meta["chunk_regions"]()
+    folding = folding if folding is not None else fold(mg)
+    symbols = gm.meta.get("symbols")
+    number = float if symbols is None else (lambda v: expression(v, symbols))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_name = {n.name: n for n in gm.graph.nodes}
     taken: set[fx.Node] = set()
@@ -231,7 +240,7 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
 
     def add(kind, scope, pattern, template, instances, names, dim, flow):
         taken.update(by_name[n] for n in names)
-        region = _priced(kind, pattern, template, instances, names, dim, flow, grad)
+        region = _priced(kind, pattern, template, instances, names, dim, flow, grad, number)
         out.append((order[by_name[names[0]]], region))
 
     for r in folding.regions:
@@ -464,18 +473,36 @@ def _accepted(kind: str, flow: ChunkFlow) -> bool:
 
 # --------------------------------------------------------------------------------------- pricing
 
-def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, grad) -> ChunkRegion:
+def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, grad, number) -> ChunkRegion:
     """The region's numbers: memory probed (:func:`_probe`), FLOPs and bytes moved counted over the nodes
-    the loop runs (the body) like ``search.space``."""
+    the loop runs (the body) like ``search.space``. ``number``: ``float``, or for a symbolic capture the
+    conversion of a size to a sympy expression (then ``transient_bytes`` is the probe's timeline)."""
     flops = moved = 0.0
     for n in flow.body:
         if "autopar" in n.meta:
             w = _node_work(n, 1, True)
             flops += w.block_fwd_flops
             moved += w.block_fwd_bytes
-    saved, transient, grad_in = _probe(flow, grad)
-    return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, flow.size, saved, transient, grad_in,
-                       flops, moved)
+    saved, timeline, grad_in = _probe(flow, grad, number)
+    transient = timeline if number is not float else float(peak_above(timeline))
+    size = flow.size if number is float else number(flow.size)
+    return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, size, saved, transient, grad_in, flops,
+                       moved)
+
+
+def peak_above(timeline) -> float:
+    """T from a probe's ``timeline`` = (live bytes when the backward begins less what was alive then,
+    then each storage allocated (+) or freed (-) during it): the highest point reached, at least 0."""
+    live, peak = timeline[0], 0
+    for delta in timeline[1:]:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+def _nonzero(n) -> bool:
+    """``n != 0`` without a guard on a symbolic size (a size expression that is not the constant 0)."""
+    return n != 0 if isinstance(n, int) else n.node.expr != 0
 
 
 def _key(t: torch.Tensor) -> int:
@@ -495,7 +522,7 @@ class _LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and _key(t) not in self.exclude:
+            if isinstance(t, torch.Tensor) and _nonzero(t.untyped_storage().nbytes()) and _key(t) not in self.exclude:
                 key = _key(t)
                 if key not in self.refs:
                     self.refs[key] = [t.untyped_storage().nbytes(), 0, self.sids]
@@ -513,9 +540,12 @@ class _LiveBytes(TorchDispatchMode):
             del self.refs[key]
 
 
-def _probe(flow: ChunkFlow, grad: dict[fx.Node, bool]) -> tuple[float, float, float]:
-    """(S, T, I) of the module docstring: the region's body run once, unchunked, forward and backward,
-    on fake CPU tensors shaped like the graph's (``grad``: :func:`_requires_grad` of the graph)."""
+def _probe(flow: ChunkFlow, grad: dict[fx.Node, bool], number=float) -> tuple[float, tuple, float]:
+    """(S, the backward's timeline for :func:`peak_above`, I) of the module docstring: the region's body
+    run once, unchunked, forward and backward, on fake CPU tensors shaped like the graph's (``grad``:
+    :func:`_requires_grad` of the graph). A symbolic capture's graph runs in its own fake mode, so
+    sizes stay ``torch.SymInt``: ``number`` makes each byte count what is returned (``float``, or a
+    sympy expression in B and S)."""
     cpu = torch.device("cpu")
 
     def arg(a):
@@ -526,7 +556,9 @@ def _probe(flow: ChunkFlow, grad: dict[fx.Node, bool]) -> tuple[float, float, fl
             return v
         return torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=cpu).requires_grad_(grad)
 
-    with FakeTensorMode():
+    shapes = [v for n in flow.inputs for v in tree_leaves(_val(n)) if isinstance(v, torch.Tensor)]
+    symbolic = next((v.fake_mode for v in shapes if any(isinstance(d, torch.SymInt) for d in v.shape)), None)
+    with symbolic or FakeTensorMode():
         env = {n: tree_map(lambda v, n=n: fake(v, grad[n]), _val(n)) for n in flow.inputs}
         inputs = {_key(t) for t in tree_leaves(list(env.values())) if isinstance(t, torch.Tensor)}
         saved: dict[int, int] = {}
@@ -551,14 +583,11 @@ def _probe(flow: ChunkFlow, grad: dict[fx.Node, bool]) -> tuple[float, float, fl
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             weights = {mode.refs[_key(t.grad)][2] for n, t in env.items()
                        if n.op == "get_attr" and t.grad is not None and _key(t.grad) in mode.refs}
-        live = peak = 0
-        for i, (sid, delta) in enumerate(mode.events):
-            if sid not in weights:
-                live += delta
-                peak = max(peak, live) if i >= start else peak
+        before = sum(number(d) for sid, d in mode.events[:start] if sid not in weights)
+        after = [number(d) for sid, d in mode.events[start:] if sid not in weights]
         s = sum(b for k, b in saved.items() if k not in {_key(o) for o in outs})
         sliced = sum(_bytes(_val(n)) for n in flow.inputs if n in flow.dims and grad[n] and n.op != "get_attr")
-    return float(s), float(max(peak - alive, 0)), float(sliced)
+    return number(s), (before - number(alive), *after), number(sliced)
 
 
 def _requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
@@ -574,12 +603,13 @@ def _requires_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return out
 
 
-def _bytes(val) -> float:
+def _bytes(val):
+    """Bytes of a traced value's tensors (an int, or a ``torch.SymInt`` on a symbolic capture)."""
     if isinstance(val, torch.Tensor):
-        return float(val.numel() * val.element_size())
+        return val.numel() * val.element_size()
     if isinstance(val, (list, tuple)):
         return sum(_bytes(v) for v in val)
-    return 0.0
+    return 0
 
 
 # --------------------------------------------------------------------------------------- helpers

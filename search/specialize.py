@@ -19,6 +19,7 @@ capture at that point (``tests/test_range.py`` checks both give the same plan).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import sympy
 import torch
@@ -26,6 +27,8 @@ import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils._pytree import tree_map
 
+from search.chunking import ChunkRegion, chunk_regions, peak_above
+from search.fold import fold
 from search.graph import ModelGraph, expression
 from search.saved import Census
 from search.symbolic import FACTS, B, S, evaluator
@@ -60,6 +63,7 @@ class Specializer:
         census = mg.gm.meta.get("saved_census")
         self._census = census and (census, {k: index(v) for k, v in census.nbytes.items()})
         self._values = evaluator(list(exprs))
+        self._regions = None  # the symbolic chunk regions and their evaluator, on first use
 
     def __call__(self, b: int, s: int) -> ModelGraph:
         """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete)."""
@@ -87,7 +91,26 @@ class Specializer:
             census, nbytes = self._census
             gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
                                              census.out_storage)
+        gm.meta["chunk_regions"] = functools.partial(self._chunk_regions, b, s)
         return dataclasses.replace(self.mg, gm=gm, batch_size=b, seq_len=s, warnings=list(self.mg.warnings))
+
+    def _chunk_regions(self, b: int, s: int) -> list[ChunkRegion]:
+        """``search.chunking.chunk_regions`` at (b, s): probed once on the symbolic graph, evaluated here."""
+        if self._regions is None:
+            regions = chunk_regions(self.mg, fold(self.mg))
+            exprs = [sympy.sympify(e) for r in regions for e in (r.size, r.saved_bytes, r.grad_input_bytes,
+                                                                  r.fwd_flops, r.fwd_mem_bytes, *r.transient_bytes)]
+            self._regions = regions, evaluator(exprs)
+        regions, values = self._regions
+        v = iter(values(b, s))
+        out = []
+        for r in regions:
+            size, saved, grad_in, flops, moved = (next(v) for _ in range(5))
+            timeline = [next(v) for _ in r.transient_bytes]
+            out.append(dataclasses.replace(r, size=size, saved_bytes=float(saved), grad_input_bytes=float(grad_in),
+                                           fwd_flops=float(flops), fwd_mem_bytes=float(moved),
+                                           transient_bytes=float(peak_above(timeline))))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

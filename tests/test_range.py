@@ -4,6 +4,7 @@ module of each piece matches one process on real gloo ranks."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from planner.cli import main
 from planner.models import resolve_model
 from planner.plan import Plan, decision
 from search.baseline import enumerate_candidates
+from search.chunking import chunk_regions
 from search.errors import BadInput
 from search.fold import fold
 from search.symbolic import S
@@ -76,6 +78,24 @@ def test_specialized_symbolic_graph_is_the_concrete_capture(name):
                                      folding=fold(m))[0] for m in (point, traced)]
         assert [(w.key(), w.step_time_s, w.peak_memory, w.chunking) for w in wins][0] == \
                [(w.key(), w.step_time_s, w.peak_memory, w.chunking) for w in wins][1], (b, s)
+        _check_chunk_regions(point, traced)
+
+
+def _check_chunk_regions(point, traced):
+    """The point's chunk regions, evaluated from the symbolic probe, equal probing the point itself and
+    (but for node names, which the symbolic capture numbers its own way) probing a fresh capture."""
+    regions = chunk_regions(point, fold(point))
+    del point.gm.meta["chunk_regions"]
+    assert regions == chunk_regions(point, fold(point))
+    unnamed = [[dataclasses.replace(r, nodes=len(r.nodes)) for r in rs] for rs in (regions, chunk_regions(traced))]
+    assert unnamed[0] == unnamed[1] and regions
+
+
+def test_evoformer_chunk_regions_are_symbolic_in_batch_and_residues():
+    """Pair regions (triangle updates, masked 5-D attention on the math kernel) over B and N = S."""
+    at = Specializer(capture_symbolic(*build("evoformer-tiny", batch=2, seq=16), name="evo", seq_dims=(1, 2)))
+    for b, n in ((2, 16), (3, 24), (2, 40)):
+        _check_chunk_regions(at(b, n), capture(*build("evoformer-tiny", batch=b, seq=n), name="evo"))
 
 
 def test_pieces_tile_the_grid_with_exact_breakpoints(ranged):
