@@ -61,9 +61,11 @@ def predictions(world: int) -> list[dict]:
             fix = {"pp": world, "dp": 1, "tp": 1, "zero": 0, "recompute": "none", "schedule": schedule,
                    "microbatches": m}
             (c,) = enumerate_candidates(mg, cl, global_batch=BATCH, dtype="fp32", fix=fix, folding=folding)
+            p2p = [m * sum(st.p2p_s for st in c.stages if st.rank == r) for r in range(world)]
             out.append({"schedule": schedule, "microbatches": m, "chunks": len(c.stages),
-                         "cuts": [st.regions[0] for st in c.stages[1:]],
-                         "predicted_step_s": c.step_time_s, "predicted_bubble_s": c.bubble_s})
+                        "cuts": [st.regions[0] for st in c.stages[1:]],
+                        "predicted_step_s": c.step_time_s, "predicted_bubble_s": c.bubble_s,
+                        "predicted_p2p_s": sum(p2p) / world})
     return out
 
 
@@ -124,11 +126,13 @@ def measure(world: int) -> list[dict]:
         step = statistics.median(max(r[key]["times"][i] for r in per_rank) for i in range(STEPS))
         idle = statistics.mean(sum(r[key]["idle"]) / sum(r[key]["times"]) for r in per_rank)
         bubble = p["predicted_bubble_s"] / p["predicted_step_s"]
+        waits = (p["predicted_bubble_s"] + p["predicted_p2p_s"]) / p["predicted_step_s"]
         rows.append({"ranks": world, "schedule": p["schedule"], "microbatches": p["microbatches"],
                      "chunks": p["chunks"], "cuts": p["cuts"], "predicted_step_s": round(p["predicted_step_s"], 4),
                      "measured_step_s": round(step, 4), "step_ratio": round(step / p["predicted_step_s"], 3),
                      "predicted_bubble_fraction": round(bubble, 3), "measured_idle_fraction": round(idle, 3),
                      "bubble_ratio": round(idle / bubble, 3) if bubble else None,
+                     "predicted_wait_fraction": round(waits, 3), "wait_ratio": round(idle / waits, 3) if waits else None,
                      "loss": next(r[key]["loss"] for r in per_rank if "loss" in r[key])})
     return rows
 
@@ -137,18 +141,20 @@ def main() -> None:
     rows = [r for world in WORLDS for r in measure(world)]
     within = lambda x: x is not None and abs(x - 1) <= TOLERANCE  # noqa: E731
     targets = {f"{what} within ±25% of prediction ({w} ranks)": all(within(r[key]) for r in rows if r["ranks"] == w)
-               for w in WORLDS for what, key in (("step time", "step_ratio"), ("bubble", "bubble_ratio"))}
+               for w in WORLDS for what, key in (("step time", "step_ratio"), ("bubble", "bubble_ratio"),
+                                                 ("bubble + p2p", "wait_ratio"))}
     res = {"model": CFG, "global_batch": BATCH, "steps": STEPS, "dtype": "fp32",
            "cluster": "cpu (the measured profile for that many ranks)", "rows": rows, "targets": targets}
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     print(f"GPT {CFG}, batch {BATCH}, pp = ranks (gloo, this machine: 2 cores); predicted on the measured cpu profile")
     print(f"{'ranks':>5} {'schedule':<12}{'m':>4}{'chunks':>7}{'pred ms':>9}{'meas ms':>9}{'ratio':>7}"
-          f"{'pred bubble':>12}{'meas idle':>10}{'ratio':>7}")
+          f"{'pred bubble':>12}{'meas idle':>10}{'ratio':>7}{'+p2p':>7}{'ratio':>7}")
     for r in rows:
         ratio = "-" if r["bubble_ratio"] is None else f"{r['bubble_ratio']:.2f}"
         print(f"{r['ranks']:>5} {r['schedule']:<12}{r['microbatches']:>4}{r['chunks']:>7}"
               f"{r['predicted_step_s'] * 1e3:>9.0f}{r['measured_step_s'] * 1e3:>9.0f}{r['step_ratio']:>7.2f}"
-              f"{r['predicted_bubble_fraction']:>12.3f}{r['measured_idle_fraction']:>10.3f}{ratio:>7}")
+              f"{r['predicted_bubble_fraction']:>12.3f}{r['measured_idle_fraction']:>10.3f}{ratio:>7}"
+              f"{r['predicted_wait_fraction']:>7.3f}{r['wait_ratio']:>7.2f}")
     for k, v in targets.items():
         print(f"{k}: {'met' if v else 'NOT met'}")
     print(f"results: {RESULTS.relative_to(ROOT)}")

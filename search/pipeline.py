@@ -63,6 +63,7 @@ class Stage:
     wgrad_s: float
     params: int                   # parameters (after tp, before ZeRO)
     memory: dict = field(default_factory=dict)  # bytes per device of its rank, by component
+    p2p_s: float = 0.0            # of time_s: its output sent forward and its gradient sent back
 
 
 @dataclass
@@ -260,7 +261,7 @@ def pipeline_candidates(rg: Regions, cl: Cluster, dtype: str, *, layout: TPStats
             send = rg.send[b] if b < len(rg) else 0.0
             hop = cost.collective_time("p2p", send, 2, cl, spans_nodes=spans[0]) if send else 0.0
             chunks.append(Stage((a, b), ranks[k], rg.time[b] - rg.time[a] + 2 * hop, rg.fwd[b] - rg.fwd[a] + hop,
-                                rg.wgrad[b] - rg.wgrad[a], rg.params[b] - rg.params[a]))
+                                rg.wgrad[b] - rg.wgrad[a], rg.params[b] - rg.params[a], p2p_s=2 * hop))
             sent += 2 * m * cost.bytes_sent_per_rank("p2p", send, 2) / v  # per rank, averaged over its chunks
         devices = []
         for d in range(pp):

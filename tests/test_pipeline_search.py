@@ -174,3 +174,22 @@ def test_pipeline_zero_prices_one_collective_per_fsdp_unit(schedule, units):
     assert c.breakdown["dp_gradients"] == pytest.approx(expect, rel=1e-12)
     one_unit = max(dp_sync(sum(s.params for s in own), cl, "bf16", 2, 1, 4, False)[0] for own in per_rank)
     assert c.breakdown["dp_gradients"] > one_unit  # more latencies than one collective per kind
+
+
+def test_stage_p2p_is_the_two_sends_its_time_includes():
+    """A chunk's ``p2p_s``: its output sent forward and its gradient sent back (the last sends nothing)."""
+    from examples.zoo import build
+    from planner.capture import capture
+    from search import cost
+    from search.baseline import enumerate_candidates
+    from search.cluster import get_cluster
+
+    model, args, _ = build("gpt-tiny", batch=8)
+    mg = capture(model, args)
+    cl = get_cluster("a100-80g", 2)
+    (c,) = enumerate_candidates(mg, cl, global_batch=8, dtype="bf16",
+                                fix={"pp": 2, "schedule": "1f1b", "microbatches": 4, "recompute": "none"})
+    first, last = c.stages
+    hidden = 2 * 32 * 64 * 2  # a microbatch of 2 samples: [2, 32, 64] in bf16
+    assert first.p2p_s == pytest.approx(2 * cost.collective_time("p2p", hidden, 2, cl, spans_nodes=False))
+    assert last.p2p_s == 0.0 and first.time_s > first.p2p_s > 0
