@@ -484,8 +484,10 @@ def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, gra
             flops += w.block_fwd_flops
             moved += w.block_fwd_bytes
     saved, timeline, grad_in = _probe(flow, grad, number)
-    transient = timeline if number is not float else float(peak_above(timeline))
-    size = flow.size if number is float else number(flow.size)
+    if number is float:
+        size, transient = flow.size, float(peak_above(timeline))
+    else:  # symbolic: evaluated at a point by search.specialize
+        size, transient = number(flow.size), timeline
     return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, size, saved, transient, grad_in, flops,
                        moved)
 

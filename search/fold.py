@@ -245,12 +245,12 @@ def _excerpt(gm: fx.GraphModule, folding: Folding) -> Excerpt:
     stand: dict[str, str] = {}     # dropped node -> the second instance's node at its position
     weight: dict[str, int] = {}
     for t in folding.templates:
-        insts = folding.instances(t.id)
-        if len(insts) < 4:
+        k = len(t.instances)
+        if k < 4:
             continue
-        for names in zip(*(r.nodes for r in insts[1:-1])):
-            weight[names[0]] = len(insts) - 2
-            stand.update((n, names[0]) for n in names[1:])
+        for names in folding.correspondence(t.id).values():
+            weight[names[1]] = k - 2
+            stand.update((n, names[1]) for n in names[2:-1])
     if not stand:
         return Excerpt(gm, {})
     nodes = list(gm.graph.nodes)

@@ -319,7 +319,7 @@ def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
         if name not in closers and "autopar" in node.meta:
             in_block = bool(node.meta["autopar"].scope)
             one = _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
-            delta = delta + (one.scaled(ex.weight[name]) if name in ex.weight else one)
+            delta = delta + one.scaled(ex.weight.get(name, 1))
     gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather]
                     for _ in range(ex.weight.get(n, 1)))
     summed = [(nodes[n], ex.weight.get(n, 1)) for n in layout.seq_grad_sum if nodes[n].op == "get_attr"]
