@@ -18,6 +18,8 @@ under non-reentrant ``torch.utils.checkpoint``. The forward keeps only each chun
 tensors that are alive anyway); the backward recomputes one chunk at a time (the autograd engine runs a
 chunk's whole graph before the previous chunk's: it goes in reverse creation order), so one chunk's
 intermediates are alive at a time in both passes, for the price of a second forward of the region.
+A region that ends in one scalar loss (LM head + cross-entropy) is not recomputed: each chunk's backward
+runs in the forward and the backward scales the kept gradients (:class:`_GradientsInForward`).
 Outputs are concatenated along their chunked dim. Chunk sizes follow ``torch.tensor_split`` (the first
 ``size % chunks`` chunks are one longer). A causal attention whose queries are chunked gets an explicit
 mask for the chunk's rows and only the keys up to its last row.
@@ -53,7 +55,8 @@ def apply_chunk(gm: fx.GraphModule, region: list[str], dim: int, chunks: int) ->
     if not 1 <= chunks <= flow.size:
         raise ChunkError(f"chunks must be between 1 and the axis length {flow.size}, got {chunks}")
     body, pass_start = _body(flow)
-    module = ChunkedRegion(body, [flow.dims.get(n) for n in flow.inputs], flow.combine, chunks, pass_start)
+    module = ChunkedRegion(body, [flow.dims.get(n) for n in flow.inputs], flow.combine, chunks, pass_start,
+                           flow.scalar_loss)
     outline(gm, flow.body, flow.inputs, flow.outputs, module, "chunked_" + flow.body[0].name)
     gm.recompile()
     return gm
@@ -98,15 +101,19 @@ class ChunkedRegion(torch.nn.Module):
 
     ``in_dims``: per body input, the ChunkDim it is sliced along (None: whole). ``combine``: per output,
     the ChunkDim to concatenate along, "sum", or "mean" (the body returns (sum, count) pairs).
-    ``pass_start``: the body takes the chunk's first index along the axis as a last argument."""
+    ``pass_start``: the body takes the chunk's first index along the axis as a last argument.
+    ``scalar_loss``: the body's one output is a scalar sum or mean; when gradients are wanted the loop
+    then runs as :class:`_GradientsInForward` (no checkpoint, nothing recomputed)."""
 
-    def __init__(self, body: fx.GraphModule, in_dims, combine, chunks: int, pass_start: bool):
+    def __init__(self, body: fx.GraphModule, in_dims, combine, chunks: int, pass_start: bool,
+                 scalar_loss: bool = False):
         super().__init__()
         self.body = body
         self.in_dims = tuple(in_dims)
         self.combine = tuple(combine)
         self.chunks = chunks
         self.pass_start = pass_start
+        self.scalar_loss = scalar_loss
 
     def extra_repr(self) -> str:
         def short(d):
@@ -115,12 +122,59 @@ class ChunkedRegion(torch.nn.Module):
                 f"outputs=[{', '.join(map(short, self.combine))}]")
 
     def forward(self, *inputs):
+        if self.scalar_loss and torch.is_grad_enabled() and any(
+                isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
+            return (_GradientsInForward.apply(self, *inputs),)
+        results = [checkpoint(self.body, *args, use_reentrant=False) for _, _, args in self.chunk_args(inputs)]
+        return tuple(_combine(how, [r[i] for r in results]) for i, how in enumerate(self.combine))
+
+    def chunk_args(self, inputs):
+        """(start, length, the body's arguments) per chunk: inputs sliced or whole, then the start."""
         x, d = next((x, d) for x, d in zip(inputs, self.in_dims) if d is not None)
-        results = []
         for start, length in _spans(x.shape[d.pos] // (d.outer * d.inner), self.chunks):
             args = [x if d is None else _narrow(x, d, start, length) for x, d in zip(inputs, self.in_dims)]
-            results.append(checkpoint(self.body, *args, *([start] if self.pass_start else []), use_reentrant=False))
-        return tuple(_combine(how, [r[i] for r in results]) for i, how in enumerate(self.combine))
+            yield start, length, [*args, *([start] if self.pass_start else [])]
+
+
+class _GradientsInForward(torch.autograd.Function):
+    """A scalar-loss region (LM head + cross-entropy) chunked without recomputing it: each chunk's
+    forward is followed at once by its backward (``torch.autograd.grad`` of its part of the loss), the
+    gradients of the sliced inputs written into their slice of a full-size buffer and those of whole
+    inputs (the head's weight) summed; the chunk's logits die before the next chunk starts. The
+    backward only scales the buffers by the gradient arriving at the loss, a number (the chain rule for
+    a scalar output), divided by the token count for a mean. What the region keeps after the forward is
+    these buffers: the input gradients, never the logits (Liger's fused linear cross-entropy, for any
+    region that ends in one scalar sum or mean)."""
+
+    @staticmethod
+    def forward(ctx, region: ChunkedRegion, *inputs):
+        wanted = ctx.needs_input_grad[1:]
+        grads = [torch.zeros_like(x) if want else None for x, want in zip(inputs, wanted)]
+        total = count = 0
+        with torch.enable_grad():
+            for start, length, args in region.chunk_args(inputs):
+                args = [a.detach().requires_grad_(want) if isinstance(a, torch.Tensor) and i < len(wanted) else a
+                        for i, (a, want) in enumerate(zip(args, [*wanted, False]))]
+                (part,) = region.body(*args)
+                part, n = part if region.combine[0] == "mean" else (part, 1)
+                leaves = [a for a, want in zip(args, wanted) if want]
+                for g, buf, d in zip(torch.autograd.grad(part, leaves, allow_unused=True),
+                                     [b for b in grads if b is not None],
+                                     [d for d, want in zip(region.in_dims, wanted) if want]):
+                    if g is not None:
+                        (buf if d is None else _slice_of(buf, d, start, length)).add_(
+                            g if d is None else g.unflatten(d.pos, (d.outer, -1)))
+                total, count = total + part.detach(), count + n
+        for buf in grads:
+            if buf is not None and region.combine[0] == "mean":
+                buf.div_(count)
+        ctx.save_for_backward(*[b for b in grads if b is not None])
+        return total / count if region.combine[0] == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        return None, *[grad * next(saved) if want else None for want in ctx.needs_input_grad[1:]]
 
 
 def _spans(size: int, chunks: int) -> list[tuple[int, int]]:
@@ -136,6 +190,12 @@ def _narrow(x: torch.Tensor, d: ChunkDim, start: int, length: int) -> torch.Tens
         return x.narrow(d.pos, start * d.inner, length * d.inner)
     x = x.unflatten(d.pos, (d.outer, -1))
     return x.narrow(d.pos + 1, start * d.inner, length * d.inner).flatten(d.pos, d.pos + 1)
+
+
+def _slice_of(buf: torch.Tensor, d: ChunkDim, start: int, length: int) -> torch.Tensor:
+    """A writable view of chunk ``start .. start + length`` of ``buf``, the axis (carried as ``d``)
+    unflattened to (outer, rest) at ``d.pos``."""
+    return buf.unflatten(d.pos, (d.outer, -1)).narrow(d.pos + 1, start * d.inner, length * d.inner)
 
 
 def _combine(how, parts: list):

@@ -296,7 +296,7 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
     need = c.peak_memory - limit
     if need <= 0 or c.recompute != "none" or not c.memory or not regions():
         return c
-    per_sample, share = c.chunk_scales
+    per_sample, share, dtype_scale = c.chunk_scales
     # the sequence-parallel kernel replaces the attention; block regions run tp-sharded (approx.)
     usable = [r for r in regions() if not (r.kind == "attention" and c.sp_degree > 1)]
 
@@ -306,7 +306,7 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
     def seconds(r, k):
         return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / div(r), c.microbatches)
 
-    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, lambda r: per_sample / div(r))
+    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, lambda r: (per_sample / div(r), dtype_scale / div(r)))
     if not chosen:
         return c
     plan = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()]
@@ -376,7 +376,7 @@ def _price(space: Space, cl: Cluster, dtype: str, scale: float, dp: int, zero: i
     else:
         act = (w.act_bytes + st.space.transient) * per_sample
     c.memory = {**states, "activations": act}
-    c.chunk_scales = (per_sample, share)
+    c.chunk_scales = (per_sample, share, scale)
     if c.peak_memory > limit:
         c.feasible = False
         c.reason = f"needs {_gib(c.peak_memory)} GiB > {_gib(limit)} GiB per device"

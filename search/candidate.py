@@ -37,7 +37,8 @@ class Candidate:
     chunking: list = field(default_factory=list)    # chunked regions: {kind, scope, dim, chunks}
     chunk_freed: float = 0.0                        # activation bytes the chunking frees per device
     megatron_sp: bool = False                       # tp regions between cones hold 1/tp of the sequence
-    chunk_scales: tuple = (0.0, 0.0)                # (bytes per captured byte, work share) the chunking prices with
+    chunk_scales: tuple = (0.0, 0.0, 0.0)           # (bytes per captured activation byte, work share, bytes per
+                                                    # captured parameter byte) the chunking prices with
 
     @property
     def sp_degree(self) -> int:

@@ -94,6 +94,13 @@ class ChunkFlow:
         """Per output: the ChunkDim to concatenate along, or "sum" / "mean"."""
         return [reduction_kind(n) if self.dims[n].reduced else self.dims[n] for n in self.outputs]
 
+    @property
+    def scalar_loss(self) -> bool:
+        """The region ends in one scalar sum or mean (a loss): the gradient that reaches it is a number,
+        so the loop can take each chunk's gradients right after its forward instead of recomputing it."""
+        return (len(self.outputs) == 1 and self.combine[0] in ("sum", "mean")
+                and isinstance(_val(self.outputs[0]), torch.Tensor) and _val(self.outputs[0]).dim() == 0)
+
 
 # --------------------------------------------------------------------------------------- regions
 

@@ -48,7 +48,10 @@ the math path that materialises the weights for a masked 5-D one), counting stor
 Chunked k ways (:func:`chunk_memory`), an instance keeps nothing after the forward (the chunk loop keeps
 views of its inputs, alive anyway; its outputs are the same tensors either way), and its backward holds
 one recomputed chunk and that chunk's transient, (S + T - I) / k, plus the input gradient: 3I (I if
-k = 1). :func:`chunk_drop` is the fall of the step's activation peak, taken as the largest over the
+k = 1). A region that ends in one scalar loss (``scalar_loss``: the LM head + loss) takes each chunk's
+gradients in the forward instead (``passes.chunk``): it keeps the input gradient I and the gradients
+of its parameters P (the head's weight) after the forward, and one chunk's forward and backward,
+(S + T - I) / k, and that chunk's P run on top of them (P does not scale with the batch). :func:`chunk_drop` is the fall of the step's activation peak, taken as the largest over the
 regions of what is alive when the backward reaches the region's last instance plus its transient:
 alive is every instance's saved bytes (S, or 0 chunked), less one instance of each region after it in
 graph order (their last instances ran backward already; the blocks before still hold theirs). What
@@ -75,8 +78,8 @@ flash-kernel rule) and no backward transient, so the planner's unchunked activat
 
 Time model (:func:`chunk_seconds`): the backward recomputes the chunked nodes' forward once,
 ``fwd_flops`` (matmul/attention FLOPs) and ``fwd_mem_bytes`` (bytes the memory-bound ops move) per
-instance, and each of the ``len(nodes)`` kernels is launched k times on 1/k of the data in the forward,
-the recompute and the backward, each launch costing the cluster's ``kernel_launch_s`` (measured for the
+instance (a scalar loss recomputes nothing), and each of the ``len(nodes)`` kernels is launched k times
+on 1/k of the data in the forward, the recompute (if any) and the backward, each launch costing the cluster's ``kernel_launch_s`` (measured for the
 ``cpu`` profile by ``runtime.calibrate``: 17-19 us here, forward + backward, one thread).
 :func:`select` picks regions and chunk counts for a memory gap. Measured (the planner's choices above,
 predicted / measured extra step time): GPT 0.32 / 0.26 s (LM head recompute, step 1.87 s); Evoformer
@@ -136,24 +139,31 @@ class ChunkRegion:
     grad_input_bytes: float   # I: gradient-carrying inputs sliced along the axis
     fwd_flops: float          # forward matmul/attention FLOPs of the chunked nodes: the backward's recompute
     fwd_mem_bytes: float      # forward bytes moved by its memory-bound ops (recomputed too)
+    scalar_loss: bool = False  # ends in one scalar sum/mean: chunked, its gradients are taken in the forward
+    param_grad_bytes: float = 0.0  # P: gradients of the parameters it reads (held from forward when scalar_loss)
 
 
 def chunk_memory(region: ChunkRegion, k: int | None) -> tuple[float, float]:
     """(bytes one instance keeps after the forward, the peak its backward adds above the rest) with
-    ``k`` chunks; None: not chunked, (S, T). Chunked: (0, (S + T - I) / k + 3I), I for k = 1 (see the
-    module docstring)."""
+    ``k`` chunks; None: not chunked, (S, T). Chunked: (0, (S + T - I) / k + 3I), I for k = 1; a scalar
+    loss, whose gradients are taken in the forward: (I, max((S + T - I) / k, I)), and its parameter
+    gradients P on both, which :func:`chunk_drop` adds (they do not scale with the batch; see the module
+    docstring)."""
     if k is None:
         return region.saved_bytes, region.transient_bytes
     k = max(1, min(int(k), region.size))
     grad_in = region.grad_input_bytes
-    return 0.0, (region.saved_bytes + region.transient_bytes - grad_in) / k + (3 if k > 1 else 1) * grad_in
+    one_chunk = (region.saved_bytes + region.transient_bytes - grad_in) / k
+    if region.scalar_loss:  # one chunk's forward and backward in the forward; the backward scales I into a new I
+        return grad_in, max(one_chunk, grad_in)
+    return 0.0, one_chunk + (3 if k > 1 else 1) * grad_in
 
 
 def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale=None) -> float:
     """How much the step's activation peak falls when each region in ``chunks`` is chunked that many
     ways (every instance) and the other ``regions`` (graph order, as :func:`chunk_regions` lists them)
-    are not: :func:`_backward_peak` unchunked minus chunked. ``scale(region)``: bytes per byte of the
-    captured graph (default 1)."""
+    are not: :func:`_backward_peak` unchunked minus chunked. ``scale(region)``: (bytes per activation
+    byte, bytes per parameter byte) of the captured graph (default (1, 1))."""
     return _backward_peak(regions, {}, scale) - _backward_peak(regions, chunks, scale)
 
 
@@ -164,10 +174,11 @@ def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], s
     its transient."""
     kept, peaks = [], []
     for r in regions:
-        k = scale(r) if scale is not None else 1.0
+        k, kp = scale(r) if scale is not None else (1.0, 1.0)
         saved, transient = chunk_memory(r, chunks.get(r))
-        kept.append(saved * k)
-        peaks.append(transient * k)
+        held = r.param_grad_bytes * kp if r.scalar_loss and r in chunks else 0.0  # the gradient buffers
+        kept.append(saved * k + held)
+        peaks.append(transient * k + held)  # + one chunk's parameter gradients before they are summed
     alive = sum(r.instances * b for r, b in zip(regions, kept))
     worst, later = 0.0, 0.0  # later: one instance of each region after i (its last ran backward)
     for i in reversed(range(len(regions))):
@@ -181,6 +192,8 @@ def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: fl
     (``work`` = instances times the share of the captured graph's work one device runs), and its
     kernels launched k times in the forward, the recompute and the backward, ``launches`` times a step
     (microbatches), at ``cl.kernel_launch_s`` each."""
+    if region.scalar_loss:  # gradients taken in the forward: nothing recomputed, kernels launched 2k times
+        return 2 * k * region.instances * len(region.nodes) * cl.kernel_launch_s * launches
     recompute = cost.compute_time(region.fwd_flops * work, dtype, cl) + cost.memory_time(region.fwd_mem_bytes * work, cl)
     return recompute + 3 * k * region.instances * len(region.nodes) * cl.kernel_launch_s * launches
 
@@ -190,7 +203,8 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
     """Which regions to chunk, and how many ways, to lower the activation peak by ``need`` bytes:
     regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of ``seconds(region, k)``,
     each with the fewest chunks of ``ks`` that close the remaining gap, or else that free the most,
-    until the gap closes. Returns ({region: chunks}, the predicted drop, :func:`chunk_drop`)."""
+    until the gap closes; then, costliest first, leaves out each pick the others close the gap without.
+    Returns ({region: chunks}, the predicted drop, :func:`chunk_drop`)."""
     unchunked = _backward_peak(regions, {}, scale)
 
     def drop(chosen):  # chunk_drop, with the unchunked peak computed once
@@ -212,6 +226,10 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
         if drop({**chosen, r: k}) > got:
             chosen[r] = k
             got = drop(chosen)
+    for r in sorted(chosen, key=lambda r: (-seconds(r, chosen[r]), r.scope)):  # a later pick may do without it
+        rest = {q: k for q, k in chosen.items() if q is not r}
+        if got >= need and drop(rest) >= need:
+            chosen, got = rest, drop(rest)
     return chosen, got
 
 
@@ -488,8 +506,9 @@ def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, gra
         size, transient = flow.size, float(peak_above(timeline))
     else:  # symbolic: evaluated at a point by search.specialize
         size, transient = number(flow.size), timeline
+    params = sum(_bytes(_val(n)) for n in flow.inputs if n.op == "get_attr" and grad[n])
     return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, size, saved, transient, grad_in, flops,
-                       moved)
+                       moved, flow.scalar_loss, float(params))
 
 
 def peak_above(timeline) -> float:

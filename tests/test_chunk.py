@@ -146,6 +146,35 @@ def test_mean_loss_counts_ignored_targets_per_chunk():
     assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) <= TOL
 
 
+def test_loss_region_takes_its_gradients_in_the_forward():
+    """A region ending in a scalar loss runs each chunk's backward right after its forward: the body
+    runs k times in the forward and never in the backward (no recompute, unlike the checkpointed MLP),
+    a scaled loss and a retained graph give scaled and repeated gradients, and without gradients the
+    loop is a plain one."""
+    gm, args = _captured("gpt-tiny")
+    ref_loss, ref_grads = _step(gm, args)
+    head = apply_chunk(_copy(gm), _loss_head(gm, "lm_head"), 1, 4)
+    mlp = apply_chunk(_copy(gm), scope_region(gm, "blocks.0.mlp"), 1, 4)
+    calls = {}
+    for name, chunked in (("head", head), ("mlp", mlp)):
+        region = next(m for m in chunked.modules() if isinstance(m, ChunkedRegion))
+        assert region.scalar_loss == (name == "head")
+        region.body.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        loss = chunked(*args)
+        forward, calls[name] = calls[name], 0
+        loss.backward()
+        assert (forward, calls[name]) == ((4, 0) if name == "head" else (4, 4)), name
+    for p in head.parameters():
+        p.grad = None
+    loss = head(*args)
+    (3 * loss).backward(retain_graph=True)
+    (3 * loss).backward()
+    worst = max((p.grad - 6 * ref_grads[n]).abs().max().item() for n, p in head.named_parameters())
+    assert worst <= 6 * TOL
+    with torch.no_grad():
+        assert (head(*args) - ref_loss).abs().item() <= TOL
+
+
 # --------------------------------------------------------------------------------------- errors
 
 def test_reduced_dim_names_the_node():

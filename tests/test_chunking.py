@@ -83,6 +83,13 @@ def test_numbers(name):
         assert r.saved_bytes > 0 and r.transient_bytes > 0 and r.grad_input_bytes > 0, r
         assert chunk_memory(r, None) == (r.saved_bytes, r.transient_bytes)
         total, grad_in = r.saved_bytes + r.transient_bytes, r.grad_input_bytes
+        assert r.scalar_loss == (r.kind == "lm_head_loss")
+        if r.scalar_loss:  # gradients taken in the forward: it keeps the input gradient, not the logits
+            for k in (1, 2, 4):  # one chunk's forward and backward, or the backward's new input gradient
+                assert chunk_memory(r, k) == (grad_in, pytest.approx(max((total - grad_in) / k, grad_in)))
+            params = nodes[r.nodes[0]].args[1:]  # the head's weight and bias: their gradients are held
+            assert r.param_grad_bytes == sum(p.meta["val"].numel() * 4 for p in params if p is not None) > 0
+            continue
         assert chunk_memory(r, 4) == (0.0, pytest.approx((total - grad_in) / 4 + 3 * grad_in))
         assert chunk_memory(r, 1) == (0.0, pytest.approx(total))  # checkpoint alone: the region recomputed whole
         assert chunk_memory(r, 2)[1] > chunk_memory(r, 4)[1] > 3 * grad_in
