@@ -25,6 +25,7 @@ from search.baseline import best, enumerate_candidates, shard_all
 from search.candidate import Candidate
 from search.cluster import Cluster, cpu_cache_path, get_cluster
 from search.errors import AutoparError, BadInput, Infeasible
+from search.opspace import ops_candidates
 from search.fold import fold as fold_graph
 from search.fold import no_fold
 from search.placement import propagate
@@ -76,7 +77,9 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
     ``example_inputs`` hold the global batch (meta tensors are fine). ``memory_limit`` is bytes per
     device (default: the cluster's device memory). ``fix`` pins degrees, e.g. ``{"tp": 2, "zero": 1}``.
     ``search`` is ``"ilp"`` (the ILP picks the tensor-parallel cones; ``fold`` solves each repeated
-    block once) or ``"enumerate"`` (the full Megatron pattern for every degree: the oracle).
+    block once), ``"enumerate"`` (the full Megatron pattern for every degree: the oracle) or ``"ops"``
+    (Alpa's per-op ILP: every op's Replicate/Shard/Partial placement on both axes of each dp × tp mesh,
+    ``search.opspace``; one microbatch, no ZeRO, pipeline, sequence parallelism or recompute yet).
 
     A range ``seq_len=(lo, hi)`` or ``(lo, hi, step)`` (or ``global_batch=(lo, hi[, step])``) plans the
     whole grid ``lo, lo + step, ..., hi`` from one symbolic capture and returns a piecewise plan: the
@@ -84,13 +87,16 @@ def make_plan(model: torch.nn.Module, example_inputs, cluster: Cluster | str, *,
     curve (``search.range``; ``Plan.piece_for(value)`` selects a piece). The example inputs' sequence
     must then reach ``hi`` where the model has position tables.
     """
-    if search not in ("ilp", "enumerate"):
-        raise BadInput(f"unknown search {search!r}; use 'ilp' or 'enumerate'")
+    if search not in ("ilp", "enumerate", "ops"):
+        raise BadInput(f"unknown search {search!r}; use 'ilp', 'enumerate' or 'ops'")
     start = time.perf_counter()
     cl = load_cluster(cluster)
     args, kwargs = split_inputs(example_inputs)
     grid = _grid(global_batch, seq_len)
     options = dict(dtype=dtype, memory_limit=memory_limit, fix=fix, fold=fold, search=search)
+    if grid is not None and search == "ops":
+        raise BadInput("range plans (--seq LO..HI, --global-batch LO..HI) use the cone search; plan points "
+                       "with the per-op search")
     if grid is not None:
         return _range_plan(model, args, kwargs, cl, grid, global_batch, name or type(model).__name__, start, timings,
                            options)
@@ -108,16 +114,20 @@ def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, sea
     """(plan dict or None when nothing fits, every candidate priced, why nothing fits) of the captured
     ``mg``; a range search's ``bounds`` skip configurations (no candidates: all were skipped)."""
     folding = fold_graph(mg) if fold else no_fold(mg)
-    select = ilp_select if search == "ilp" else shard_all
-    cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
-                                 select=select, folding=folding, bounds=bounds)
+    if search == "ops":
+        cands = ops_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
+                               folding=folding)
+    else:
+        cands = enumerate_candidates(mg, cl, global_batch=gb, dtype=dtype, memory_limit=memory_limit, fix=fix,
+                                     select=ilp_select if search == "ilp" else shard_all, folding=folding,
+                                     bounds=bounds)
     if not cands:
         return None, cands, ""
     try:
         win = best(cands, memory_limit if memory_limit is not None else cl.memory_bytes)
     except Infeasible as exc:
         return None, cands, str(exc)
-    if win.tp > 1:
+    if win.tp > 1 and not win.placements:
         propagate(mg.gm, win.styles, win.tp)  # what is priced must be what the passes can run
     plan = {
         "version": 1,
@@ -133,6 +143,7 @@ def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, sea
         "tensor_parallel": {m: {"style": s, "groups": g} for m, (s, g) in win.styles.items()},
         "megatron_sp": win.megatron_sp,
         "sequence_parallel": _sequence_parallel(win),
+        "placements": win.placements,
         "templates": [{"id": t.id, "hash": t.hash[:16], "instances": len(t.instances), "first": t.instances[0],
                        "nodes": t.num_nodes, "params": t.num_params} for t in folding.templates],
         "chunking": win.chunking,
@@ -142,7 +153,7 @@ def _point_plan(mg, cl: Cluster, gb: int, *, dtype, memory_limit, fix, fold, sea
                    "unique_blocks": len(folding.templates), "ilp_variables": win.solver.get("variables", 0),
                    "solver_status": win.solver.get("status", "enumerated"), "candidates": len(cands)},
         "alternatives": [_alternative(c, win) for c in _runners_up(cands, win)],
-        "warnings": list(mg.warnings),
+        "warnings": list(mg.warnings) + win.warnings,
     }
     return plan, cands, ""
 
@@ -442,6 +453,9 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
         raise BadInput(f"the plan is for {plan.cluster['devices']} devices but torchrun started {world} ranks; "
                        f"relaunch with --nproc-per-node {plan.cluster['devices']} or re-plan for {world}")
     check_emittable(plan)
+    if plan.placements:  # a per-op plan runs on DTensor over the global batch, as it was captured and planned
+        from passes.placements import emit_placements
+        return emit_placements(capture(model, args, kwargs, name=plan.model["name"]).gm, plan)
     deg = plan.degrees
     mesh = plan_mesh(plan)
     batch = batch_split(plan, mesh, args, kwargs)

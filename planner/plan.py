@@ -49,7 +49,7 @@ DTYPES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")
 
 TOP_KEYS = (
     "version", "case", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees", "pipeline",
-    "tensor_parallel", "megatron_sp", "sequence_parallel", "templates", "chunking", "recompute", "predicted", "search",
+    "tensor_parallel", "megatron_sp", "sequence_parallel", "placements", "templates", "chunking", "recompute", "predicted", "search",
     "alternatives", "warnings", "range",
 )
 MODEL_KEYS = ("name", "params", "layers")
@@ -332,6 +332,7 @@ def _validate(d: Any) -> dict:
     else:
         d["megatron_sp"] = False
     _validate_sp(d, deg["sp"])
+    _validate_placements(d, len(shape))
 
     if "templates" not in d:
         V.fail("templates", "missing")
@@ -526,6 +527,47 @@ def _validate_range(r: Any) -> None:
             V.int_(s[k], f"{f}.{k}", 0, 10**9)
 
 
+_SPEC = re.compile(r"(R|P|S\d{1,2})(,(R|P|S\d{1,2}))*")
+PLACEMENT_KEYS = ("nodes", "hubs", "params")
+
+
+def _validate_placements(d: dict, axes: int) -> None:
+    """``placements`` (a per-op plan, ``search.opspace``): {} for a cone plan, else every node's output
+    and input placements, hub and parameter placements, as strings of one entry per mesh axis."""
+    V = _V
+    pl = V.dict_(d, "placements", "placements", required=False)
+    if not pl:
+        d["placements"] = {}
+        return
+    V.keys(pl, PLACEMENT_KEYS, "placements")
+    extra = [k for k in pl if k not in PLACEMENT_KEYS]
+    if extra:
+        V.fail(f"placements.{extra[0]}", "unknown key")
+    deg = d["degrees"]
+    if deg["pp"] > 1 or deg["sp"] > 1 or deg["zero"] or d["tensor_parallel"]:
+        V.fail("placements", "a per-op plan has pp = sp = 1, ZeRO 0 and no tensor_parallel styles")
+
+    def spec(v: Any, field: str, partial: bool) -> None:
+        V.str_(v, field)
+        if not _SPEC.fullmatch(v) or v.count(",") + 1 != axes or (not partial and "P" in v.split(",")):
+            V.fail(field, f"expected {axes} comma-separated placements R, S<dim>"
+                          f"{', P' if partial else ''} (one per mesh axis), got {v[:40]!r}")
+
+    for key in PLACEMENT_KEYS:
+        V.dict_(pl, key, f"placements.{key}")
+    for name, entry in pl["nodes"].items():
+        f = f"placements.nodes.{name}"
+        if not isinstance(entry, dict):
+            V.fail(f, f"expected an object, got {_type_name(entry)}")
+        V.keys(entry, ("out", "in"), f)
+        spec(entry["out"], f"{f}.out", True)
+        for i, x in enumerate(V.list_(entry["in"], f"{f}.in")):
+            spec(x, f"{f}.in[{i}]", False)
+    for key in ("hubs", "params"):
+        for name, v in pl[key].items():
+            spec(v, f"placements.{key}.{name}", False)
+
+
 def _validate_sp(d: dict, degree: int) -> None:
     """``sequence_parallel``: {} when sp = 1, else the attention variant and every variant priced."""
     V = _V
@@ -665,7 +707,8 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-DECISION_KEYS = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "chunking", "recompute")
+DECISION_KEYS = ("mesh", "degrees", "pipeline", "tensor_parallel", "megatron_sp", "placements", "chunking",
+                 "recompute")
 STAGE_PREDICTIONS = ("time_per_microbatch_s", "fwd_per_microbatch_s", "wgrad_per_microbatch_s", "peak_memory_bytes")
 
 
@@ -934,6 +977,7 @@ class Plan:
     tensor_parallel = property(lambda self: self._get("tensor_parallel"))
     sequence_parallel = property(lambda self: self._get("sequence_parallel"))
     megatron_sp = property(lambda self: self._get("megatron_sp"))
+    placements = property(lambda self: self._get("placements"))
     templates = property(lambda self: self._get("templates"))
     chunking = property(lambda self: self._get("chunking"))
     recompute = property(lambda self: self._get("recompute"))

@@ -184,6 +184,64 @@ class DistributedModule(torch.nn.Module):
         return out
 
 
+class PlacedModule(torch.nn.Module):
+    """What ``auto_parallelize`` returns for a per-op plan (``passes.placements``): the captured graph on
+    DTensors. Every rank passes the same global batch (each keeps the shards its placements say) and
+    gets the whole outputs; parameters are DTensors under their original names, and after backward each
+    gradient is placed like its parameter (a partial gradient is all-reduced or reduce-scattered then:
+    the data-parallel sync, priced by the plan as ``gradient_sync``)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, plan, mesh):
+        super().__init__()
+        self.gm, self.plan, self.mesh = gm, plan, mesh
+        self.shapes = [tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
+                       for n in gm.graph.find_nodes(op="placeholder")]
+        for p in gm.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_place_grad)
+
+    def forward(self, *args, **kwargs):
+        flat = [a for a in (*args, *kwargs.values())]
+        got = [tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in flat]
+        if got != self.shapes:
+            raise BadInput(f"inputs of shapes {got} but the plan was made for {self.shapes}: a per-op plan "
+                           "is specialised to the global batch it was planned for; re-plan for these shapes")
+        return self.gm(*args, **kwargs)
+
+    def step(self, *args, **kwargs) -> torch.Tensor:
+        """Forward and backward of the global batch; returns the loss (detached)."""
+        loss = _loss(self(*args, **kwargs))
+        loss.backward()
+        return loss.detach()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.gm.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def state_dict(self, *args, **kwargs):
+        """DTensor shards under the original names; see :meth:`full_state_dict`."""
+        return self.gm.state_dict(*args, **kwargs)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole tensors under the original names (collective: every rank must call it)."""
+        return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                for k, v in self.gm.state_dict().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy whole tensors (original names) into this rank's shards."""
+        if assign:
+            raise BadInput("PlacedModule.load_state_dict(assign=True) would replace the DTensor parameters; "
+                           "load with assign=False, which copies into the local shards")
+        own = self.gm.state_dict(keep_vars=True)
+        state_dict = {k: replica_part(v, own[k]) if k in own else v for k, v in state_dict.items()}
+        return self.gm.load_state_dict(state_dict, strict=strict)
+
+
+def _place_grad(p: torch.Tensor) -> None:
+    """After accumulation: the gradient placed like its parameter (sums partial gradients)."""
+    if isinstance(p.grad, DTensor) and tuple(p.grad.placements) != tuple(p.placements):
+        p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
 def _loss(out) -> torch.Tensor:
     """The loss a model returned: the output itself, or its ``loss`` field (Hugging Face)."""
     loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)

@@ -39,6 +39,8 @@ class Candidate:
     megatron_sp: bool = False                       # tp regions between cones hold 1/tp of the sequence
     chunk_scales: tuple = (0.0, 0.0, 0.0)           # (bytes per captured activation byte, work share, bytes per
                                                     # captured parameter byte) the chunking prices with
+    placements: dict = field(default_factory=dict)  # per-op placements (``search.opspace``), {} for cone layouts
+    warnings: list = field(default_factory=list)    # what the plan should say (ops without a sharding rule)
 
     @property
     def sp_degree(self) -> int:

@@ -110,7 +110,7 @@ from search import cost
 from search.cluster import Cluster
 from search.fold import Folding, fold
 from search.graph import ModelGraph, expression
-from search.space import _node_work
+from search.space import node_work
 
 __all__ = ["ChunkRegion", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
            "matching_scopes", "KINDS"]
@@ -498,7 +498,7 @@ def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, gra
     flops = moved = 0.0
     for n in flow.body:
         if "autopar" in n.meta:
-            w = _node_work(n, 1, True)
+            w = node_work(n, 1, True)
             flops += w.block_fwd_flops
             moved += w.block_fwd_bytes
     saved, timeline, grad_in = _probe(flow, grad, number)

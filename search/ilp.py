@@ -11,6 +11,9 @@ Preprocessing (exact):
 - a node with one edge left whose best strategy, for each strategy of its neighbour, also needs the least
   memory is folded into the neighbour (repeated: trees collapse as in dynamic programming, and without a
   binding memory limit every node with ≤ 1 edge goes); a node with no edge left takes its best strategy;
+- a node with two edges whose memory is the same in every strategy (a view), or any such node when the
+  limit does not bind, is replaced by one edge between its neighbours holding, per pair of their
+  strategies, its best (series reduction: chains of element-wise ops and views collapse);
 - a memory limit that every assignment meets is dropped; one below the least memory any assignment needs
   (Σ_v w_v min_k m_v[k], no solver needed) gives status "infeasible" with that number in ``min_memory``.
 
@@ -134,11 +137,12 @@ class _Prepared(NamedTuple):
 
 
 def solve(problem: IlpProblem, memory_limit: float | None = None, time_limit_s: float = 10.0,
-          backend: str = "highs", linearization: str = "alpa") -> IlpSolution:
+          backend: str = "highs", linearization: str = "alpa", relative_gap: float = 0.0) -> IlpSolution:
     """Choose one strategy per node minimizing total weighted cost under ``memory_limit`` bytes per device.
 
     ``time_limit_s`` bounds the solver call; ``backend`` is a key of BACKENDS; ``linearization`` is "alpa" or
-    "mccormick" (module docstring).
+    "mccormick" (module docstring); the solver stops once its solution is proven within ``relative_gap``
+    of the optimum (deterministic, unlike the time limit).
     """
     if backend not in BACKENDS:
         raise BadInput(f"unknown ILP backend {backend!r}; known: {sorted(BACKENDS)}")
@@ -153,7 +157,7 @@ def solve(problem: IlpProblem, memory_limit: float | None = None, time_limit_s: 
     status, gap, nvar, ncon = "optimal", 0.0, 0, 0
     if prep.alive:
         model, s, scale = _build_ilp(prep, backend, linearization)
-        status, picks, gap = _run(model, s, scale, time_limit_s, backend)
+        status, picks, gap = _run(model, s, scale, time_limit_s, backend, relative_gap)
         nvar, ncon = model.get_num_variables(), model.get_num_linear_constraints()
         if picks is None:
             return IlpSolution(status, None, None, None, prep.min_memory, None, nvar, ncon,
@@ -161,7 +165,7 @@ def solve(problem: IlpProblem, memory_limit: float | None = None, time_limit_s: 
         for v, k in zip(prep.alive, picks):
             choice[v] = k
     for v, u, pick in reversed(prep.order):
-        choice[v] = pick[0 if u is None else choice[u]]
+        choice[v] = int(pick[choice[u[0]]][choice[u[1]]]) if isinstance(u, tuple) else pick[0 if u is None else choice[u]]
     _polish(problem, prep.weighted, choice, memory_limit)
     objective, memory = problem.evaluate(choice)
     return IlpSolution(status, tuple(choice), objective, memory, prep.min_memory, gap / max(abs(objective), 1e-300),
@@ -177,7 +181,8 @@ def _prepare(problem: IlpProblem, memory_limit: float | None) -> _Prepared:
     weighted = _weighted_edges(problem)
     edges = _reduce(weighted, cost)
     alive, order = _eliminate(cost, mem, edges, binding)
-    fixed = sum(mem[v][pick[0]] for v, u, pick in order if u is None)  # nodes left without edges
+    fixed = sum(mem[v][pick[0]] if u is None else mem[v].min()   # nodes left without edges, and series-reduced
+                for v, u, pick in order if not isinstance(u, int))   # ones (their memory is one number)
     return _Prepared(cost, mem, weighted, edges, alive, order, memory_limit - fixed if binding else None,
                      min_memory)
 
@@ -209,10 +214,13 @@ def _reduce(weighted, cost) -> dict[tuple[int, int], np.ndarray]:
 
 
 def _eliminate(cost, mem, edges, binding):
-    """Fold nodes with ≤ 1 edge into their neighbour where exact (see module docstring), in place.
+    """Fold nodes with ≤ 2 edges into their neighbours where exact (see module docstring), in place.
 
     Returns the nodes left for the ILP and the eliminations in order as (v, neighbour or None, pick) with
-    ``pick[i]`` v's strategy when the neighbour takes i (``pick[0]`` when there is none).
+    ``pick[i]`` v's strategy when the neighbour takes i (``pick[0]`` when there is none), or, for a node
+    between two neighbours (series reduction: its edges become one edge between them, the best of v for
+    each pair of their strategies; exact when its memory does not depend on its strategy or the limit
+    does not bind), as (v, (u, w), pick) with ``pick[i][k]`` v's strategy when u takes i and w takes k.
     """
     adj = [set() for _ in cost]
     for u, v in edges:
@@ -220,13 +228,34 @@ def _eliminate(cost, mem, edges, binding):
         adj[v].add(u)
     gone = [False] * len(cost)
     order = []
-    stack = [v for v in range(len(cost) - 1, -1, -1) if len(adj[v]) <= 1]
+
+    def matrix(a, b):
+        return edges[(a, b)] if a < b else edges[(b, a)].T
+
+    stack = [v for v in range(len(cost) - 1, -1, -1) if len(adj[v]) <= 2]
     while stack:
         v = stack.pop()
-        if gone[v] or len(adj[v]) > 1:
+        if gone[v] or len(adj[v]) > 2:
+            continue
+        if len(adj[v]) == 2:
+            if binding and np.ptp(mem[v]) > 0:
+                continue
+            u, w = sorted(adj[v])
+            total = cost[v][None, :, None] + matrix(u, v)[:, :, None] + matrix(v, w)[None, :, :]
+            pick = total.argmin(axis=1)
+            gone[v] = True
+            order.append((v, (u, w), pick))
+            edges.pop((min(u, v), max(u, v)))
+            edges.pop((min(v, w), max(v, w)))
+            merged = total.min(axis=1)
+            edges[(u, w)] = edges[(u, w)] + merged if (u, w) in edges else merged
+            for a, b in ((u, w), (w, u)):
+                adj[a].discard(v)
+                adj[a].add(b)
+            stack += [w, u]
             continue
         u = next(iter(adj[v]), None)
-        total = cost[v][None, :] if u is None else cost[v][None, :] + (edges[(u, v)] if u < v else edges[(v, u)].T)
+        total = cost[v][None, :] if u is None else cost[v][None, :] + matrix(u, v)
         pick = [min(range(len(row)), key=lambda j: (row[j], mem[v][j], j)) for row in total]
         if binding and any(mem[v][j] > mem[v].min() for j in pick):
             continue
@@ -255,14 +284,17 @@ def _build_ilp(prep: _Prepared, backend: str, linearization: str):
             obj.set_linear_coefficient(x, (cost[v][k] - cost[v].min()) / scale)
     integer_e = backend == "cp-sat"  # CP-SAT rejects continuous variables; e is integral anyway
     for (u, v), r in prep.edges.items():
-        if linearization == "alpa":
-            e = [[model.add_variable(lb=0, ub=1, is_integer=integer_e) for _ in s[v]] for _ in s[u]]
-            for i, row in enumerate(e):
-                _equal(model, row, s[u][i])
-            for j in range(len(s[v]) - 1):  # the last column's constraint follows from the others
-                _equal(model, [row[j] for row in e], s[v][j])
-            for i, j in np.ndindex(r.shape):
-                obj.set_linear_coefficient(e[i][j], r[i, j] / scale)
+        if linearization == "alpa":   # over classes of equal rows / columns (exact, fewer variables)
+            rows, row_of = np.unique(r, axis=0, return_inverse=True)
+            _, col_of = np.unique(rows, axis=1, return_inverse=True)
+            cols = [int(np.flatnonzero(col_of == b)[0]) for b in range(col_of.max() + 1)]
+            e = [[model.add_variable(lb=0, ub=1, is_integer=integer_e) for _ in cols] for _ in rows]
+            for a, row in enumerate(e):
+                _equal(model, row, [s[u][i] for i in np.flatnonzero(row_of.ravel() == a)])
+            for b in range(len(cols) - 1):  # the last class's constraint follows from the others
+                _equal(model, [row[b] for row in e], [s[v][j] for j in np.flatnonzero(col_of.ravel() == b)])
+            for a, b in np.ndindex(len(rows), len(cols)):
+                obj.set_linear_coefficient(e[a][b], rows[a, cols[b]] / scale)
         else:
             for i, j in zip(*np.nonzero(r)):
                 x = model.add_variable(lb=0, ub=1, is_integer=integer_e)
@@ -284,28 +316,29 @@ def _build_ilp(prep: _Prepared, backend: str, linearization: str):
 
 
 def _equal(model, terms, target) -> None:
-    """Constraint Σ terms = target (= 1 when target is None)."""
+    """Constraint Σ terms = Σ target (= 1 when target is None; a variable or a list of them)."""
     c = model.add_linear_constraint(lb=float(target is None), ub=float(target is None))
     for x in terms:
         c.set_coefficient(x, 1)
-    if target is not None:
-        c.set_coefficient(target, -1)
+    for y in [] if target is None else target if isinstance(target, list) else [target]:
+        c.set_coefficient(y, -1)
 
 
-def _run(model, s, scale, time_limit_s, backend):
+def _run(model, s, scale, time_limit_s, backend, relative_gap=0.0):
     """Solve deterministically; return (status, strategy per alive node or None, absolute gap in seconds)."""
     params = mathopt.SolveParameters(time_limit=timedelta(seconds=time_limit_s), random_seed=0,
-                                     relative_gap_tolerance=0.0, absolute_gap_tolerance=0.0,
+                                     relative_gap_tolerance=relative_gap, absolute_gap_tolerance=0.0,
                                      threads=None if backend == "highs" else 1)  # HiGHS refuses `threads`
     result = mathopt.solve(model, BACKENDS[backend], params=params)
     reason = result.termination.reason
     if reason == mathopt.TerminationReason.INFEASIBLE or not result.has_primal_feasible_solution():
         return ("infeasible" if reason == mathopt.TerminationReason.INFEASIBLE else "timeout"), None, None
     picks = [int(np.argmax(result.variable_values(xs))) for xs in s.values()]
-    if reason == mathopt.TerminationReason.OPTIMAL:
-        return "optimal", picks, 0.0
     bounds = result.termination.objective_bounds
-    return "feasible", picks, max(0.0, bounds.primal_bound - bounds.dual_bound) * scale
+    gap = max(0.0, bounds.primal_bound - bounds.dual_bound) * scale
+    if reason == mathopt.TerminationReason.OPTIMAL:   # within the gap tolerance asked for
+        return "optimal", picks, gap if relative_gap else 0.0
+    return "feasible", picks, gap
 
 
 def _polish(problem, weighted, choice, memory_limit) -> None:

@@ -318,7 +318,7 @@ def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
         node = nodes[name]
         if name not in closers and "autopar" in node.meta:
             in_block = bool(node.meta["autopar"].scope)
-            one = _node_work(node, space.tp, in_block) - _node_work(node, 1, in_block)
+            one = node_work(node, space.tp, in_block) - node_work(node, 1, in_block)
             delta = delta + one.scaled(ex.weight.get(name, 1))
     gathers = tuple(_val_bytes(nodes[n]) for n in [*layout.seq_split, *layout.seq_gather]
                     for _ in range(ex.weight.get(n, 1)))
@@ -333,7 +333,7 @@ def _region_work(mg: ModelGraph, nodes: dict, names, in_block: bool, core: froze
     fqns = {p for n in names for p in nodes[n].meta["autopar"].params}
     work = Work(params=sum(math.prod(mg.param_shapes[p]) for p in fqns))
     for name in names:
-        work = work + _node_work(nodes[name], 1, in_block, name in core)
+        work = work + node_work(nodes[name], 1, in_block, name in core)
     return work
 
 
@@ -356,7 +356,7 @@ def _cone_delta(mg: ModelGraph, cone: Cone, tp: int, nodes: dict, core: frozense
     for name in cone.nodes:
         node = nodes[name]
         if "autopar" in node.meta:
-            delta = delta + _node_work(node, tp, True, name in core) - _node_work(node, 1, True, name in core)
+            delta = delta + node_work(node, tp, True, name in core) - node_work(node, 1, True, name in core)
     styles = dict(cone.styles)
     style = {n: styles[module_of(weight_of(mg.gm, nodes[n]))][0] for n in cone.nodes
              if weight_of(mg.gm, nodes[n]) and module_of(weight_of(mg.gm, nodes[n])) in styles}
@@ -374,7 +374,7 @@ def _linear_input_name(node) -> str:
     return (node.args[0] if op_name(node) == "linear" else node.args[1]).name
 
 
-def _node_work(node, div: int, in_block: bool, core: bool = False) -> Work:
+def node_work(node, div: int, in_block: bool, core: bool = False) -> Work:
     """One node's share of the per-rank work when its data is split ``div`` ways (``core``: it is in
     an attention core, ``search.recompute.attention_cores``)."""
     info = node.meta["autopar"]

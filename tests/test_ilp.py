@@ -124,16 +124,16 @@ def test_additive_and_zero_edges_get_no_edge_variables():
 
 def test_tiny_resharding_costs_next_to_large_ones_count():
     """A 2e-6 s entry beside a 1 s entry of the same matrix still decides: (1, 1, ·) beats (0, 1, ·)."""
-    for third in (False, True):  # a pair is solved by elimination, a triangle by the ILP
+    for clique in (False, True):  # a pair is solved by elimination, four all linked (degree 3) by the ILP
         p = IlpProblem()
         a, b = p.add_node([0.0, 1e-6], [0, 0]), p.add_node([1.5e-6, 0.0], [0, 0])
         p.add_edge(a, b, [[0.0, 2e-6], [1.0, 0.0]])
-        if third:
-            c = p.add_node([0.0, 0.0], [0, 0])
-            p.add_edge(a, c, [[1e-7, 0.0], [0.0, 1e-7]])
-            p.add_edge(b, c, [[1e-7, 0.0], [0.0, 1e-7]])
+        if clique:
+            c, d = p.add_node([0.0, 0.0], [0, 0]), p.add_node([0.0, 0.0], [0, 0])
+            for u, v in ((a, c), (b, c), (a, d), (b, d), (c, d)):
+                p.add_edge(u, v, [[1e-7, 0.0], [0.0, 1e-7]])
         sol = solve(p)
-        assert (sol.num_variables > 0) == third
+        assert (sol.num_variables > 0) == clique
         assert sol.objective == pytest.approx(brute_force(p, None)[0], rel=1e-9)
 
 

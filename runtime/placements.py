@@ -1,0 +1,105 @@
+"""DTensor carriers for per-op placement plans (``search.opspace``): placement strings to DTensor
+placements, one reshard helper the emitted graph calls before every op, and the sharding rule torch
+lacks for the CPU flash-attention kernel.
+
+A placement string has one entry per mesh axis, ``"R"``, ``"P"`` or ``"S<d>"``: ``"R,S1"`` is
+replicated over the first axis and sharded on dim 1 over the second (``search.opspace.describe``).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.experimental import register_sharding
+
+aten = torch.ops.aten
+_lock = threading.Lock()
+_registered = False
+
+
+def parse(spec: str) -> tuple:
+    """``"R,S1"`` -> (Replicate(), Shard(1))."""
+    out = []
+    for p in spec.split(","):
+        out.append(Replicate() if p == "R" else Partial() if p == "P" else Shard(int(p[1:])))
+    return tuple(out)
+
+
+def to_placement(x, mesh, spec: str):
+    """``x`` as a DTensor placed as ``spec`` (a plain tensor is every rank's same whole value: its
+    shards are local slices); the redistribute is autograd-aware (its backward reshards gradients)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    want = parse(spec)
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    if tuple(x.placements) != want:
+        x = x.redistribute(mesh, want)
+    return _Contiguous.apply(x)
+
+
+def _contiguous(x):
+    """``x`` with a contiguous shard: DTensor's view rules check the global strides, not the shard's, so
+    a view of a strided shard (after a reshard, or a transpose's gradient) would fail."""
+    if isinstance(x, DTensor) and not x._local_tensor.is_contiguous():
+        return aten.clone.default(x, memory_format=torch.contiguous_format)
+    return x
+
+
+class _Contiguous(torch.autograd.Function):
+    """Contiguous shards forward and backward (gradients reach the producer through here too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _contiguous(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _contiguous(g)
+
+
+def expect(x, mesh, spec: str, counter: dict):
+    """``x`` as the plan placed it: DTensor's own propagation may place an op's output otherwise
+    (``counter["mismatch"]`` counts those); a partial output is left partial when the plan says P."""
+    if not isinstance(x, DTensor):
+        return x
+    want = parse(spec)
+    got = tuple(x.placements)
+    if all(g == w or (g.is_partial() and w.is_partial()) for g, w in zip(got, want)):
+        return x
+    counter["mismatch"] = counter.get("mismatch", 0) + 1
+    return x.redistribute(mesh, want)
+
+
+def whole(x):
+    """A graph output as every rank's whole tensor."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def register_rules() -> None:
+    """Batch and head sharding for torch's CPU flash attention (forward and backward), which has no
+    DTensor rule in torch 2.13 (``F.scaled_dot_product_attention`` on DTensors fails without it).
+    Idempotent."""
+    global _registered
+    with _lock:
+        if _registered:
+            return
+
+        def mask(m, d):   # an explicit mask is sharded with q where it is not broadcast
+            if m is None:
+                return []
+            k = d - (4 - len(m.shape))
+            return [Shard(k) if k >= 0 and m.shape[k] > 1 else Replicate()]
+
+        @register_sharding(aten._scaled_dot_product_flash_attention_for_cpu.default)
+        def _fwd(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+            r = [Replicate()] * (4 if attn_mask is not None else 3)
+            return [([Replicate()] * 2, r)] + [([Shard(d)] * 2, [Shard(d)] * 3 + mask(attn_mask, d)) for d in (0, 1)]
+
+        @register_sharding(aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+        def _bwd(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, attn_mask=None, scale=None):
+            r = [Replicate()] * (7 if attn_mask is not None else 6)
+            return [([Replicate()] * 3, r)] + [([Shard(d)] * 3, [Shard(d)] * 6 + mask(attn_mask, d)) for d in (0, 1)]
+
+        _registered = True
