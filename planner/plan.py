@@ -645,7 +645,7 @@ def _canonical(obj: Any, path: tuple[str, ...] = ()) -> Any:
             order = [k for k in known if k in obj] + sorted(k for k in obj if k not in known)
         elif len(path) == 2 and path[0] == "tensor_parallel":
             order = [k for k in TP_KEYS if k in obj]
-        elif path == ("tensor_parallel",):
+        elif path in (("tensor_parallel",), ("placements", "nodes"), ("placements", "hubs"), ("placements", "params")):
             order = sorted(obj, key=_natural_key)
         elif len(path) == 2 and path[0] == "alternatives":
             order = [k for k in ALT_KEYS if k in obj] + sorted(k for k in obj if k not in ALT_KEYS)
@@ -717,7 +717,8 @@ def decision(d: dict) -> dict:
     ``DECISION_KEYS`` (pipeline stages without their predicted times and memory) and the attention
     variant, degree, inner group and layout."""
     sp = d["sequence_parallel"]
-    out = {k: d[k] for k in DECISION_KEYS}
+    out = {k: d[k] for k in DECISION_KEYS if k != "placements"}
+    out["placements"] = d.get("placements", {})   # plans written before per-op plans have none
     out["pipeline"] = {**d["pipeline"], "stages": [{k: v for k, v in st.items() if k not in STAGE_PREDICTIONS}
                                                    for st in d["pipeline"]["stages"]]}
     return {**out, "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}

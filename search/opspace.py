@@ -439,17 +439,26 @@ class _Builder:
             if "hub:" + n.name in strategies_by_node:
                 params[n.target] = strategies_by_node["hub:" + n.name].out
                 continue
-            if not n.users:
+            if not n.users:   # an alias no node reads (a tied weight): placed with the name that is read
                 continue
             reader = next(iter(n.users))
             s = strategies_by_node[reader.name]
             params[n.target] = s.ins[[a.name for a in tensor_inputs(reader)].index(n.name)]
+        aliases: dict[int, list[str]] = {}
+        for fqn, p in self.mg.gm.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(fqn)
+        for names in aliases.values():
+            placed = next((params[f] for f in names if f in params), (R,) * len(self.mesh))
+            params.update({f: placed for f in names})
+        params = {f: params[f] for f in self.shapes}   # model order
         breakdown = {"compute": compute, "reshard": fwd_bwd, "gradient_sync": sync}
         status = sol.status if sol.choice is not None else "infeasible"
         solver = {"status": status, "gap": sol.gap or 0.0, "variables": sum(len(c) for c in problem.costs)}
         acts = memory
         states = {"params": 0.0, "grads": 0.0, "optimizer": 0.0}
         for fqn, spec in params.items():
+            if fqn not in self.mg.param_shapes:   # a tied alias
+                continue
             numel = math.prod(self.shapes[fqn])
             shards = math.prod(n for n, x in zip(self.mesh, spec) if isinstance(x, int))
             for k, v in model_state_bytes(-(-numel // shards), dtype=self.dtype, zero_stage=0, dp=1).items():

@@ -97,7 +97,7 @@ def test_byte_identical_regardless_of_insertion_order():
     assert text.endswith("}\n") and not text.endswith("\n\n")
     keys = list(json.loads(text))
     assert keys == ["version", "model", "cluster", "global_batch", "seq_len", "dtype", "mesh", "degrees",
-                    "pipeline", "tensor_parallel", "megatron_sp", "sequence_parallel", "templates", "chunking", "recompute", "predicted",
+                    "pipeline", "tensor_parallel", "megatron_sp", "sequence_parallel", "placements", "templates", "chunking", "recompute", "predicted",
                     "search", "alternatives", "warnings"]
     assert list(json.loads(text)["degrees"]) == ["dp", "tp", "pp", "sp", "zero"]
     assert text.startswith('{\n  "version": 1,\n')
