@@ -293,7 +293,7 @@ def _cost_dict(cost) -> dict:
 def make_plan_from_spec(model_spec: str, *, cluster: str = "a100-80g", devices: int | None = None,
                         global_batch=None, seq_len=None, dtype: str = "bf16",
                         memory_limit_gib: float | None = None, fix: dict | None = None, fold: bool = True,
-                        timings: bool = False) -> Plan:
+                        timings: bool = False, search: str = "ilp") -> Plan:
     """The CLI's ``autopar plan``: resolve a zoo name / ``file.py:factory`` / ``hf:type`` and plan it
     (``seq_len`` / ``global_batch``: an int, or a range tuple as :func:`make_plan` takes)."""
     cl = load_cluster(cluster, devices)
@@ -303,7 +303,8 @@ def make_plan_from_spec(model_spec: str, *, cluster: str = "a100-80g", devices: 
     limit = memory_limit_gib * 2**30 if memory_limit_gib is not None else None
     return make_plan(loaded.model, (loaded.args, loaded.kwargs), cl,
                      global_batch=global_batch if batch_range else gb, seq_len=seq_len if seq_range else None,
-                     dtype=dtype, memory_limit=limit, fix=fix, fold=fold, timings=timings, name=loaded.name)
+                     dtype=dtype, memory_limit=limit, fix=fix, fold=fold, timings=timings, name=loaded.name,
+                     search=search)
 
 
 def split_inputs(example_inputs) -> tuple[tuple, dict]:

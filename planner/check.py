@@ -41,8 +41,9 @@ def with_case(plan: Plan, case: dict) -> Plan:
     return Plan.from_dict(d)
 
 
-def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True) -> Plan:
-    """Re-plan a recorded case, optionally with more decisions pinned; the result records its own case."""
+def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True, search: str = "ilp") -> Plan:
+    """Re-plan a recorded case, optionally with more decisions pinned; the result records its own case
+    (``search``: "ops" for a per-op plan, which :func:`search_of` tells from the plan)."""
     from planner.api import make_plan_from_spec
 
     case = {**case, "fix": {**case["fix"], **(extra_fix or {})}}
@@ -51,8 +52,14 @@ def plan_case(case: dict, extra_fix: dict | None = None, *, fold: bool = True) -
 
     plan = make_plan_from_spec(case["model"], cluster=case["cluster"], devices=case["devices"],
                                global_batch=value(case["global_batch"]), seq_len=value(case["seq"]), dtype=case["dtype"],
-                               memory_limit_gib=case["memory_limit_gib"], fix=case["fix"], fold=fold)
+                               memory_limit_gib=case["memory_limit_gib"], fix=case["fix"], fold=fold,
+                               search=search)
     return with_case(plan, case)
+
+
+def search_of(plan: dict) -> str:
+    """The search that made a plan: "ops" when it places every op, else the default."""
+    return "ops" if plan.get("placements") else "ilp"
 
 
 def load_golden(directory: str | Path, *, stale_ok: bool = False) -> list[tuple[Path, Plan | dict]]:
@@ -106,7 +113,8 @@ def check(directory: str | Path = GOLDEN_DIR, *, update: bool = False,
         raw = old if isinstance(old, dict) else old.to_dict()
         search = raw.get("search")
         try:
-            new = plan_case(raw["case"], fold=not (isinstance(search, dict) and search.get("folded") is False))
+            new = plan_case(raw["case"], fold=not (isinstance(search, dict) and search.get("folded") is False),
+                            search=search_of(raw))
         except Infeasible as e:
             failed += 1
             echo(f"FAIL     {path.name}: now infeasible: {e}")
@@ -147,7 +155,7 @@ def why(plan: Plan, extra_fix: dict) -> list[str]:
     """Re-plan ``plan``'s case with ``extra_fix`` pinned: the decisions that move and the predicted deltas."""
     pins = ",".join(f"{k}={v}" for k, v in extra_fix.items())
     try:
-        alt = plan_case(_recorded_case(plan), extra_fix, fold=plan.search["folded"])
+        alt = plan_case(_recorded_case(plan), extra_fix, fold=plan.search["folded"], search=search_of(plan.to_dict()))
     except Infeasible as e:
         return [f"{pins}: no plan fits: {e}"]
     lines = plan.diff(alt)
@@ -222,7 +230,7 @@ def _alt_memory(plan: Plan, alt: dict) -> dict[str, float]:
     if not alt.get("feasible", True):
         case = {**case, "memory_limit_gib": 1e9}  # price it although it does not fit
     try:
-        got = plan_case(case, pins, fold=plan.search["folded"])
+        got = plan_case(case, pins, fold=plan.search["folded"], search=search_of(plan.to_dict()))
     except (BadInput, Infeasible):
         return total
     return split_breakdown(got.predicted["breakdown"])[1]

@@ -102,6 +102,10 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--fix", metavar="dp=..,tp=..,pp=..,sp=..,zero=..,microbatches=..,schedule=..",
                     help="pin decisions; the search fills in the rest")
     pl.add_argument("--no-fold", action="store_true", help="do not fold repeated blocks (slower search)")
+    pl.add_argument("--search", choices=("ilp", "enumerate", "ops"), default="ilp",
+                    help="ilp: the ILP picks Megatron tensor-parallel cones, with every other lever (default); "
+                         "enumerate: the full Megatron pattern (the oracle); ops: Alpa's per-op ILP, every op's "
+                         "Replicate/Shard/Partial placement on a dp x tp mesh (no pp/sp/ZeRO/recompute yet)")
     pl.add_argument("--timings", action="store_true", help="record search.seconds (plan JSON is then not reproducible)")
     pl.add_argument("--out", metavar="PLAN.json", help="write the plan JSON here")
     pl.add_argument("--format", choices=("table", "json"), default="table")
@@ -197,7 +201,7 @@ def _cmd_plan(args) -> int:
     plan = make_plan_from_spec(
         args.model, cluster=args.cluster, devices=args.devices, global_batch=args.global_batch,
         seq_len=args.seq, dtype=args.dtype, memory_limit_gib=args.memory_limit, fix=fix,
-        fold=not args.no_fold, timings=args.timings,
+        fold=not args.no_fold, timings=args.timings, search=args.search,
     )
     if args.record_case:
         from planner.check import make_case, with_case

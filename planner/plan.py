@@ -724,6 +724,15 @@ def decision(d: dict) -> dict:
     return {**out, "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}
 
 
+def _collapsed(params: dict[str, str]) -> dict[tuple[str, str], int]:
+    """(module pattern with block indices as *, placement) -> how many parameters."""
+    out: dict[tuple[str, str], int] = {}
+    for fqn, spec in params.items():
+        key = (re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn), spec)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def tp_summary(tp: dict) -> list[tuple[str, str, int, int]]:
     """Collapse block indices: [(pattern, style, groups, count)], e.g. ("h.*.attn.c_attn", "colwise", 1, 3)."""
     counts: dict[tuple[str, str, int], int] = {}
@@ -1114,7 +1123,22 @@ class Plan:
                            "chosen" if chosen else "")
             con.print(vt)
 
-        rows = placements(d["tensor_parallel"], d["templates"])
+        rows = [] if d["placements"] else placements(d["tensor_parallel"], d["templates"])
+        if d["placements"]:
+            pt = Table(title="per-op placements: parameters (one entry per mesh axis " +
+                             " × ".join(d["mesh"]["axes"]) + ")", title_justify="left",
+                       caption="R replicated, S<d> sharded on dim d; blocks collapsed to *", caption_justify="left")
+            for col in ("parameters", "placement", "count"):
+                pt.add_column(col)
+            for (pat, spec), n in _collapsed(d["placements"]["params"]).items():
+                pt.add_row(pat, spec, str(n))
+            con.print(pt)
+            outs: dict[str, int] = {}
+            for entry in d["placements"]["nodes"].values():
+                outs[entry["out"]] = outs.get(entry["out"], 0) + 1
+            con.print("op outputs by placement: " + ", ".join(f"{k} ×{v}" for k, v in
+                                                             sorted(outs.items(), key=lambda kv: -kv[1])),
+                      markup=False, highlight=False)
         if rows:
             tt = Table(title="placements per template", title_justify="left",
                        caption="tensor-parallel styles; unlisted modules replicated", caption_justify="left")

@@ -11,9 +11,10 @@ Preprocessing (exact):
 - a node with one edge left whose best strategy, for each strategy of its neighbour, also needs the least
   memory is folded into the neighbour (repeated: trees collapse as in dynamic programming, and without a
   binding memory limit every node with ≤ 1 edge goes); a node with no edge left takes its best strategy;
-- a node with two edges whose memory is the same in every strategy (a view), or any such node when the
-  limit does not bind, is replaced by one edge between its neighbours holding, per pair of their
-  strategies, its best (series reduction: chains of element-wise ops and views collapse);
+- a node with two edges whose best strategy, for each pair of its neighbours' strategies, needs its least
+  memory (always so for a view, and for any node when the limit does not bind) is replaced by one edge
+  between its neighbours holding that best (series reduction: chains of element-wise ops and views
+  collapse);
 - a memory limit that every assignment meets is dropped; one below the least memory any assignment needs
   (Σ_v w_v min_k m_v[k], no solver needed) gives status "infeasible" with that number in ``min_memory``.
 
@@ -219,8 +220,8 @@ def _eliminate(cost, mem, edges, binding):
     Returns the nodes left for the ILP and the eliminations in order as (v, neighbour or None, pick) with
     ``pick[i]`` v's strategy when the neighbour takes i (``pick[0]`` when there is none), or, for a node
     between two neighbours (series reduction: its edges become one edge between them, the best of v for
-    each pair of their strategies; exact when its memory does not depend on its strategy or the limit
-    does not bind), as (v, (u, w), pick) with ``pick[i][k]`` v's strategy when u takes i and w takes k.
+    each pair of their strategies; exact when every such best needs v's least memory), as (v, (u, w),
+    pick) with ``pick[i][k]`` v's strategy when u takes i and w takes k.
     """
     adj = [set() for _ in cost]
     for u, v in edges:
@@ -238,11 +239,11 @@ def _eliminate(cost, mem, edges, binding):
         if gone[v] or len(adj[v]) > 2:
             continue
         if len(adj[v]) == 2:
-            if binding and np.ptp(mem[v]) > 0:
-                continue
             u, w = sorted(adj[v])
             total = cost[v][None, :, None] + matrix(u, v)[:, :, None] + matrix(v, w)[None, :, :]
             pick = total.argmin(axis=1)
+            if binding and (mem[v][pick] > mem[v].min()).any():
+                continue
             gone[v] = True
             order.append((v, (u, w), pick))
             edges.pop((min(u, v), max(u, v)))

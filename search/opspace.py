@@ -490,19 +490,30 @@ def ops_candidates(mg: ModelGraph, cl: Cluster, *, global_batch: int, dtype: str
                            or devices % fix[key]):
             raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices")
     limit = memory_limit if memory_limit is not None else cl.memory_bytes
-    out = []
-    for tp in [t for t in range(1, devices + 1) if devices % t == 0 and t <= cl.devices_per_node]:
-        dp = devices // tp
-        if fix.get("tp", tp) != tp or fix.get("dp", dp) != dp:
+    meshes = [(devices // t, t) for t in range(1, devices + 1) if devices % t == 0 and t <= cl.devices_per_node
+              and fix.get("tp", t) == t and fix.get("dp", devices // t) == devices // t]
+    # without the limit the ILP collapses to an exact dynamic program (fast); its step time bounds the
+    # limited one's from below, so a mesh whose free optimum is already slower than a plan that fits is
+    # not solved under the limit (and not listed)
+    free = {m: solve_ops(mg, folding, m, cl, dtype=dtype, memory_limit=math.inf, global_batch=global_batch)
+            for m in meshes}
+    out, best = [], math.inf
+    for mesh in sorted(meshes, key=lambda m: (free[m].step_time_s, m[1])):
+        if free[mesh].step_time_s >= best:
             continue
-        sol = solve_ops(mg, folding, (dp, tp), cl, dtype=dtype, memory_limit=limit, global_batch=global_batch)
+        sol = free[mesh]
+        if sol.peak_memory > limit:
+            sol = solve_ops(mg, folding, mesh, cl, dtype=dtype, memory_limit=limit, global_batch=global_batch)
+        dp, tp = mesh
         c = Candidate(dp, tp, 0, max(global_batch // dp, 1), 1, "none", step_time_s=sol.step_time_s,
                       breakdown=dict(sol.breakdown), memory=dict(sol.memory), comm_bytes=sol.comm_bytes,
                       solver=dict(sol.solver), placements=sol.placements(), warnings=list(sol.warnings))
-        if not sol.feasible:
+        if not sol.feasible or sol.peak_memory > limit:
             c.feasible = False
             c.reason = (f"needs {sol.peak_memory / 2**30:.3g} GiB > {limit / 2**30:.3g} GiB per device"
                         if sol.peak_memory > limit else f"ILP {sol.solver['status']}")
+        else:
+            best = min(best, sol.step_time_s)
         out.append(c)
     if not out:
         raise BadInput(f"no dp x tp factorization of {devices} devices (tp <= {cl.devices_per_node} per node) "
