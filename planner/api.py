@@ -420,7 +420,7 @@ def _why_slower(c: Candidate, win: Candidate) -> str:
 
 def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster | str | None = None,
                      plan: Plan | str | os.PathLike | None = None, constraints: dict | None = None,
-                     memory_limit: float | None = None):
+                     memory_limit: float | None = None, search: str = "ilp"):
     """Plan (or load ``plan``) for the ranks torchrun started and return this rank's module.
 
     ``example_inputs`` hold the global batch: the tensors whose first dimension is the plan's global
@@ -430,6 +430,9 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
 
     A piecewise plan (``make_plan(..., seq_len=(lo, hi))``) runs the piece that holds the inputs'
     sequence length (or global batch, for a batch range).
+
+    ``search="ops"`` plans with Alpa's per-op ILP (``make_plan``) and returns a ``PlacedModule``: the
+    model's graph on DTensors placed op by op (every rank passes the global batch, gets whole outputs).
 
     Returns a ``DistributedModule`` (``loss = m(*inputs); loss.backward()``, or ``loss = m.step(*inputs)``:
     forward and backward of every microbatch, required when the plan accumulates gradients) for plans
@@ -443,7 +446,7 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
 
     rank, world = init_distributed()
     if plan is None:
-        plan = _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank, world)
+        plan = _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank, world, search)
     elif not isinstance(plan, Plan):
         plan = Plan.from_json(Path(plan))
     args, kwargs = split_inputs(example_inputs)
@@ -473,7 +476,8 @@ def auto_parallelize(model: torch.nn.Module, example_inputs, *, cluster: Cluster
     return emit(mg.gm, plan, mesh, batch, blocks)
 
 
-def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank: int, world: int) -> Plan:
+def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, rank: int, world: int,
+                   search: str = "ilp") -> Plan:
     """Rank 0 plans and broadcasts the plan JSON, or the error every rank then raises."""
     msg: list = [None]
     if rank == 0:
@@ -481,7 +485,7 @@ def _plan_on_rank0(model, example_inputs, cluster, constraints, memory_limit, ra
             cl = load_cluster(cluster if cluster is not None else "cpu", world)
             fix = {"pp": 1, **(constraints or {})}
             msg[0] = make_plan(model, example_inputs, cl, dtype="fp32", memory_limit=memory_limit, fix=fix,
-                               name=type(model).__name__).to_json()
+                               name=type(model).__name__, search=search).to_json()
         except AutoparError as exc:
             msg[0] = exc
         except Exception as exc:

@@ -47,6 +47,7 @@ from search.graph import ModelGraph
 from search.ilp import IlpProblem, solve
 from search.memory import model_state_bytes
 from search.oprules import P, R, Option, name, options, shape_of, tensor_inputs
+from search.placement import op_name
 from search.saved import annotate_saved
 from search.space import backward_transient, node_work
 
@@ -219,7 +220,6 @@ class _Graph:
 
 
 def _skipped(n: fx.Node) -> bool:
-    from search.placement import op_name
     return op_name(n) in SKIP
 
 
@@ -270,7 +270,6 @@ class _Builder:
         slots = tensor_inputs(node)
         opts = options(node)
         if opts is None:
-            from search.placement import op_name
             self.warnings.append(f"{op_name(node)} ({node.name}): no sharding rule, runs replicated")
             opts = [Option(R, (R,) * len(slots), False)]
         return strategies(opts, [shape_of(a) for a in slots], shape_of(node), self.mesh)
@@ -406,7 +405,6 @@ class _Builder:
         return rows
 
     def _solution(self, problem, pick, index, strat, parts, edges, sink, sol) -> OpSolution:
-        g = self.g
         compute = sync = fwd_bwd = sent = 0.0
         memory = 0.0
         for key, i in pick.items():
@@ -423,16 +421,10 @@ class _Builder:
         by_var: dict[str, list[str]] = {}
         for n in full:
             by_var.setdefault(self.var_of.get(n.name, n.name), []).append(n.name)
-        for key, i in pick.items():
-            if key.startswith("hub:"):
-                continue
-            s = strat[key][i]
-            for name_ in by_var.get(key, [key]):
-                strategies_by_node[name_] = s
-        for key, i in pick.items():   # hubs: the readers' placement (the emitter reshards there once)
-            if key.startswith("hub:"):
-                for name_ in by_var.get(key[4:], [key[4:]]):
-                    strategies_by_node["hub:" + name_] = strat[key][i]
+        for key, i in pick.items():   # every instance's node; "hub:<value>": its readers' placement
+            hub = "hub:" if key.startswith("hub:") else ""
+            for name_ in by_var.get(key[len(hub):], [key[len(hub):]]):
+                strategies_by_node[hub + name_] = strat[key][i]
         for n in full:   # every parameter: a hub's placement, else its one reader's input placement
             if n.op != "get_attr" or n.target not in self.shapes:
                 continue
