@@ -274,7 +274,9 @@ def backward_transient(gm) -> float:
     differentiable node's output and its largest input (the gradient arriving and the one leaving, or an
     op's own temporaries: cross-entropy's backward makes the softmax and the logits' gradient while the
     saved log-softmax is alive). Measured on CPU: the step's peak is the forward's saved bytes plus
-    twice the logits for a GPT or Llama with V=8192 (``bench/run_recompute.py``)."""
+    twice the logits for a GPT or Llama with V=8192 (``bench/run_recompute.py``). Kept in ``gm.meta``."""
+    if "backward_transient" in gm.meta:
+        return gm.meta["backward_transient"]
     worst = 0.0
     for node in gm.graph.nodes:
         info = node.meta.get("autopar")
@@ -282,6 +284,7 @@ def backward_transient(gm) -> float:
             continue
         ins = [_val_bytes(a) for a in node.all_input_nodes if a.op != "get_attr"]
         worst = max(worst, 2 * max(float(info.output_bytes), *ins, 0.0))
+    gm.meta["backward_transient"] = worst
     return worst
 
 

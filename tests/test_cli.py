@@ -145,13 +145,13 @@ def test_plan_passes_arguments(fake_api, tmp_path, capsys):
     out_path = tmp_path / "out.json"
     rc = main(["plan", "gpt2-small", "--cluster", "h100-80g", "--devices", "8", "--global-batch", "32",
                "--seq", "1024", "--dtype", "bf16", "--memory-limit", "70", "--fix", "tp=2,schedule=1f1b",
-               "--no-fold", "--timings", "--out", str(out_path)])
+               "--no-fold", "--timings", "--search", "ops", "--out", str(out_path)])
     assert rc == 0
     spec, kw = fake_api[0]
     assert spec == "gpt2-small"
     assert kw == {"cluster": "h100-80g", "devices": 8, "global_batch": 32, "seq_len": 1024, "dtype": "bf16",
                   "memory_limit_gib": 70.0, "fix": {"tp": 2, "schedule": "1f1b"}, "fold": False,
-                  "timings": True}
+                  "timings": True, "search": "ops"}
     out = capsys.readouterr().out
     assert "predicted" in out and "gpt2-small" in out
     assert Plan.from_json(out_path).to_json() == Plan.from_dict(example_plan_dict()).to_json()
@@ -161,6 +161,7 @@ def test_plan_defaults_and_json_format(fake_api, capsys):
     assert main(["plan", "gpt2-small", "--format", "json"]) == 0
     _, kw = fake_api[0]
     assert kw["cluster"] == "a100-80g" and kw["fix"] == {} and kw["fold"] is True and kw["timings"] is False
+    assert kw["search"] == "ilp"
     assert kw["devices"] is None and kw["memory_limit_gib"] is None
     out = capsys.readouterr().out
     assert out == Plan.from_dict(example_plan_dict()).to_json()

@@ -4,8 +4,8 @@ DTensor and run on real gloo ranks: loss and every parameter gradient equal the 
 and ``full_state_dict`` match too.
 
 Plans are made here (parent process, a100-80g profile for the rank count, a memory limit that forces
-sharding) and sent to the ranks as JSON; one 4-rank launch (2 × 2 mesh) and one 2-rank launch (1 × 2 and
-2 × 1) run every case.
+sharding) and sent to the ranks as JSON; one 4-rank launch (2 × 2 mesh) and one 2-rank launch (a 1 × 2
+and a 2 × 1 mesh) run every case.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.test_emit import HF_GPT2, HF_LLAMA, _build
 
 TOL = 1e-5
 CASES_4 = [(m, (2, 2)) for m in ("gpt-tiny", "llama-tiny", "bert-tiny", HF_GPT2)]
-CASES_2 = [(m, mesh) for m in ("llama-tiny", HF_LLAMA) for mesh in ((1, 2), (2, 1))]
+CASES_2 = [("llama-tiny", (1, 2)), (HF_LLAMA, (2, 1))]
 _launches: dict = {}
 _plans: dict = {}
 
