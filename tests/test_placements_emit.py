@@ -78,8 +78,30 @@ def _case(spec: str, plan_json: str) -> dict:
             "other_batch": raised(lambda: dmodel(*[a[:2] for a in args], **{k: v[:2] for k, v in kwargs.items()}))}
 
 
+def _auto() -> dict:
+    """``auto_parallelize(search="ops")`` without a plan: rank 0 plans, every rank runs it."""
+    from planner.api import auto_parallelize
+    from search.cluster import get_cluster
+
+    model, args, kwargs = _build("llama-tiny")
+    ref = copy.deepcopy(model)
+    dmodel = auto_parallelize(model, (args, kwargs), search="ops", cluster=get_cluster("a100-80g", 2),
+                              memory_limit=1.6e6)
+    loss = dmodel.step(*args, **kwargs)
+    ref_loss = loss_of(ref(*args, **kwargs))
+    ref_loss.backward()
+    ref_params = dict(ref.named_parameters())
+    grads = max((p.grad.full_tensor() - ref_params[n].grad).abs().max().item() for n, p in dmodel.named_parameters())
+    sharded = sum(any(not q.is_replicate() for q in p.placements) for p in dmodel.parameters())
+    return {"loss": abs(loss.item() - ref_loss.item()), "grads": grads, "ops": bool(dmodel.plan.placements),
+            "sharded": sharded}
+
+
 def _all(rank, world, cases):
-    return {f"{spec}|{mesh}": _case(spec, plan) for spec, mesh, plan in cases}
+    out = {f"{spec}|{mesh}": _case(spec, plan) for spec, mesh, plan in cases}
+    if world == 2:
+        out["auto"] = _auto()
+    return out
 
 
 def _results(world: int, cases) -> dict:
@@ -96,3 +118,8 @@ def test_per_op_plan_matches_single_process(spec, mesh):
     assert r["mismatches"] == {}, f"DTensor placed outputs the plan did not: {r['mismatches']}"
     assert r["unplaced_grads"] == [] and r["names"] and r["dtensors"], r
     assert r["other_batch"]["raised"] == "BadInput" and "re-plan" in r["other_batch"]["message"]
+
+
+def test_auto_parallelize_plans_per_op_on_rank0():
+    r = _results(2, CASES_2)["auto"]
+    assert r["ops"] and r["sharded"] > 0 and r["loss"] <= TOL and r["grads"] <= TOL, r
