@@ -12,6 +12,8 @@ DTensor ops take global shapes.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 from torch.distributed.tensor import distribute_tensor
@@ -50,7 +52,8 @@ def apply_placements(gm: fx.GraphModule, placements: dict, mesh) -> fx.GraphModu
     graph = gm.graph
     nodes, hubs = placements["nodes"], placements["hubs"]
     first = next(iter(graph.nodes))
-    with graph.inserting_before(first):
+    with graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # fx expects a module, parameter or buffer there
         mesh_node = graph.get_attr("autopar_mesh")
     for n in list(graph.nodes):
         if n.op == "call_function" and op_name(n) in SKIP and not n.users:

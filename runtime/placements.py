@@ -10,8 +10,12 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from runtime.collectives import algorithmic_bytes, comm_stats
 
 aten = torch.ops.aten
 _lock = threading.Lock()
@@ -103,3 +107,27 @@ def register_rules() -> None:
             return [([Replicate()] * 3, r)] + [([Shard(d)] * 3, [Shard(d)] * 6 + mask(attn_mask, d)) for d in (0, 1)]
 
         _registered = True
+
+
+_FUNCOL = {"all_reduce": "all_reduce", "all_reduce_": "all_reduce", "all_gather_into_tensor": "all_gather",
+           "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+
+
+class CountCollectives(TorchDispatchMode):
+    """While active, DTensor's functional collectives (forward and backward) are counted into
+    ``runtime.collectives.comm_stats`` with the ring bytes the cost model prices (an all-gather by the
+    gathered size, the others by the buffer's); anything else of theirs as ``other:<op>`` with 0 bytes."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "_c10d_functional" and not func.__name__.startswith("wait_tensor"):
+            op = func._schema.name.split("::")[-1]
+            kind = _FUNCOL.get(op)
+            if kind is None:
+                comm_stats.add(f"other:{op}", 0)
+            else:
+                t = args[0]
+                p = _resolve_process_group(args[-1] if isinstance(args[-1], str) else kwargs["group_name"]).size()
+                n = t.numel() * t.element_size() * (p if kind == "all_gather" else 1)
+                comm_stats.add(kind, algorithmic_bytes(kind, n, p))
+        return func(*args, **kwargs)
