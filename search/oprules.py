@@ -18,7 +18,7 @@ An op with no rule runs replicated (:func:`options` returns None; the planner wa
     >>> from planner.capture import capture
     >>> mg = capture(*build("gpt-tiny", batch=2))
     >>> fc = next(n for n in mg.gm.graph.nodes if n.name == "linear_2")       # mlp.fc
-    >>> sorted(str(o) for o in options(fc))
+    >>> [str(o) for o in options(fc)]     # replicated, batch, tokens, colwise, rowwise (output, then inputs)
     ['R <- (R, R, R)', 'S0 <- (S0, R, R)', 'S1 <- (S1, R, R)', 'S2 <- (R, S0, S0)', 'P <- (S2, S1, R)']
 """
 from __future__ import annotations

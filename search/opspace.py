@@ -23,10 +23,10 @@ costs O(template + nodes outside blocks), not O(depth). ``no_fold`` gives every 
     >>> from examples.zoo import build
     >>> from planner.capture import capture
     >>> from search.cluster import get_cluster
-    >>> mg = capture(*build("llama-tiny", batch=8))
-    >>> sol = solve_ops(mg, fold(mg), (1, 4), get_cluster("a100-80g", 4), dtype="bf16", memory_limit=2**20)
-    >>> sol.param_placements["layers.0.self_attn.q_proj.weight"], sol.param_placements["layers.0.self_attn.o_proj.weight"]
-    (('R', 'S0'), ('R', 'S1'))
+    >>> mg = capture(*build("gpt2-small", batch=8))
+    >>> sol = solve_ops(mg, fold(mg), (2, 4), get_cluster("a100-80g", 8), dtype="bf16")
+    >>> [describe(sol.param_placements[f"blocks.0.mlp.{m}.weight"]) for m in ("fc", "proj")]   # Megatron on tp
+    ['R,S0', 'R,S1']
 """
 from __future__ import annotations
 
