@@ -59,6 +59,14 @@ def apply_placements(gm: fx.GraphModule, placements: dict, mesh) -> fx.GraphModu
         if n.op == "call_function" and op_name(n) in SKIP and not n.users:
             graph.erase_node(n)
     placed: dict[fx.Node, fx.Node] = {}   # value -> what its readers take (after its check and hub)
+
+    def _grad_pin(a: fx.Node) -> str | None:
+        """Where a reader hands back the gradient of ``a``: its hub's summing placement, else where the
+        producer's backward needs it (parameters: their own hooks place it)."""
+        if a.name in hubs:
+            return hubs[a.name]["grad"]
+        return _need(nodes[a.name]["out"]) if a.name in nodes else None
+
     for n in list(graph.nodes):
         if n.op == "output":
             n.args = map_arg(n.args, lambda a: _call(graph, whole, (a,), before=n) if a in placed else a)
@@ -72,7 +80,7 @@ def apply_placements(gm: fx.GraphModule, placements: dict, mesh) -> fx.GraphModu
             def reshard(a, n=n, slots=slots, k=k):
                 j = k[0]
                 k[0] += 1
-                return _call(graph, to_placement, (placed.get(a, a), mesh_node, slots[j]), before=n)
+                return _call(graph, to_placement, (placed.get(a, a), mesh_node, slots[j], _grad_pin(a)), before=n)
             n.args = map_arg(n.args, reshard)
             n.kwargs = map_arg(n.kwargs, reshard)
             if len(slots) != len(tensor_inputs(n)) or k[0] != len(slots):
@@ -83,11 +91,16 @@ def apply_placements(gm: fx.GraphModule, placements: dict, mesh) -> fx.GraphModu
         elif isinstance(n.meta.get("val"), torch.Tensor):
             out = _call(graph, expect, (n, mesh_node, spec["out"], gm.placement_mismatches), after=n)
         if n.name in hubs:
-            out = _call(graph, to_placement, (out, mesh_node, hubs[n.name]), after=out)
+            out = _call(graph, to_placement, (out, mesh_node, hubs[n.name]["at"], _need(spec["out"])), after=out)
         placed[n] = out
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _need(spec: str) -> str:
+    """Where a value's gradient must arrive for its producer's backward (``search.opspace.need``)."""
+    return ",".join("R" if p == "P" else p for p in spec.split(","))
 
 
 def _call(graph: fx.Graph, fn, args: tuple, *, before: fx.Node | None = None, after: fx.Node | None = None) -> fx.Node:

@@ -563,9 +563,15 @@ def _validate_placements(d: dict, axes: int) -> None:
         spec(entry["out"], f"{f}.out", True)
         for i, x in enumerate(V.list_(entry["in"], f"{f}.in")):
             spec(x, f"{f}.in[{i}]", False)
-    for key in ("hubs", "params"):
-        for name, v in pl[key].items():
-            spec(v, f"placements.{key}.{name}", False)
+    for name, v in pl["params"].items():
+        spec(v, f"placements.params.{name}", False)
+    for name, hub in pl["hubs"].items():
+        f = f"placements.hubs.{name}"
+        if not isinstance(hub, dict):
+            V.fail(f, f"expected an object, got {_type_name(hub)}")
+        V.keys(hub, ("at", "grad"), f)
+        spec(hub["at"], f"{f}.at", False)
+        spec(hub["grad"], f"{f}.grad", True)
 
 
 def _validate_sp(d: dict, degree: int) -> None:

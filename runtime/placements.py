@@ -30,17 +30,39 @@ def parse(spec: str) -> tuple:
     return tuple(out)
 
 
-def to_placement(x, mesh, spec: str):
+def to_placement(x, mesh, spec: str, grad: str | None = None):
     """``x`` as a DTensor placed as ``spec`` (a plain tensor is every rank's same whole value: its
-    shards are local slices); the redistribute is autograd-aware (its backward reshards gradients)."""
+    shards are local slices); the redistribute is autograd-aware (its backward reshards gradients).
+    ``grad``: where the gradient must be when it leaves here in backward (the plan's pricing: where the
+    producer's backward needs it, or the hub's summing placement), whatever the reader's backward made."""
     if not isinstance(x, torch.Tensor):
         return x
     want = parse(spec)
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    if grad is not None and x.requires_grad:
+        x = _GradTo.apply(x, parse(grad))
     if tuple(x.placements) != want:
         x = x.redistribute(mesh, want)
     return _Contiguous.apply(x)
+
+
+class _GradTo(torch.autograd.Function):
+    """Identity forward; backward places the gradient as planned. A partial target on an axis where the
+    gradient is not partial keeps it as it is there (nothing to sum)."""
+
+    @staticmethod
+    def forward(ctx, x, placements):
+        ctx.placements = placements
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if not isinstance(g, DTensor):
+            return g, None
+        want = tuple(cur if w.is_partial() and not cur.is_partial() else w
+                     for cur, w in zip(g.placements, ctx.placements))
+        return (g if tuple(g.placements) == want else g.redistribute(g.device_mesh, want)), None
 
 
 def _contiguous(x):

@@ -94,11 +94,12 @@ class OpSolution:
 
     def placements(self) -> dict:
         """The plan's ``placements`` section: per node its output and input placements, per value read by
-        several ops its hub placement, per parameter its placement (strings, graph order)."""
+        several ops its hub (where its readers take it, where their gradients are summed), per parameter
+        its placement (strings, graph order)."""
         nodes, hubs = {}, {}
         for key, s in self.strategies.items():
             if key.startswith("hub:"):
-                hubs[key[4:]] = describe(s.out)
+                hubs[key[4:]] = {"at": describe(s.out), "grad": describe(s.grads[0])}
             else:
                 nodes[key] = {"out": describe(s.out), "in": [describe(i) for i in s.ins]}
         return {"nodes": nodes, "hubs": hubs, "params": {k: describe(v) for k, v in self.param_placements.items()}}
