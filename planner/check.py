@@ -11,8 +11,12 @@ re-plans every case in a directory and compares the canonical plan; a mismatch p
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -99,41 +103,60 @@ def _stale(path: Path) -> dict | None:
     return raw if isinstance(raw, dict) and isinstance(raw.get("case"), dict) else None
 
 
+def _replan(raw: dict) -> tuple[str, str, float]:
+    """Re-plan a golden file's case (in a worker process): ("plan", plan JSON | "infeasible" | "bad",
+    message, seconds)."""
+    t0 = time.perf_counter()
+    search = raw.get("search")
+    try:
+        new = plan_case(raw["case"], fold=not (isinstance(search, dict) and search.get("folded") is False),
+                        search=search_of(raw))
+        return "plan", new.to_json(), time.perf_counter() - t0
+    except Infeasible as e:
+        return "infeasible", str(e), time.perf_counter() - t0
+    except BadInput as e:
+        return "bad", str(e), time.perf_counter() - t0
+
+
 def check(directory: str | Path = GOLDEN_DIR, *, update: bool = False,
-          echo: Callable[[str], None] = print) -> int:
+          echo: Callable[[str], None] = print, jobs: int | None = None) -> int:
     """Re-plan every golden case; 0 if all match (or were rewritten with ``update``), 1 otherwise.
 
-    Prints one line per case and, for a mismatch, the decision diff golden -> now.
+    Cases are re-planned in ``jobs`` worker processes (default: one per core; plans are the same bytes in
+    any process) and reported in file order: one line per case and, for a mismatch, the decision diff
+    golden -> now.
     """
     golden = load_golden(directory, stale_ok=update)
     start = time.perf_counter()
     failed = rewritten = 0
-    for path, old in golden:
-        t0 = time.perf_counter()
-        raw = old if isinstance(old, dict) else old.to_dict()
-        search = raw.get("search")
-        try:
-            new = plan_case(raw["case"], fold=not (isinstance(search, dict) and search.get("folded") is False),
-                            search=search_of(raw))
-        except Infeasible as e:
-            failed += 1
-            echo(f"FAIL     {path.name}: now infeasible: {e}")
-            continue
-        except BadInput as e:
-            raise BadInput(f"golden file {path}: its case no longer plans: {e}") from None
-        secs = f"({time.perf_counter() - t0:.1f} s)"
-        if new == old:
-            echo(f"ok       {path.name} {secs}")
-        elif update:
-            path.write_text(new.to_json(), encoding="utf-8")
-            rewritten += 1
-            echo(f"updated  {path.name} {secs}")
+    raws = [old if isinstance(old, dict) else old.to_dict() for _, old in golden]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(raws)))
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(_replan, raws)
         else:
-            failed += 1
-            echo(f"CHANGED  {path.name} {secs}")
-            for line in old.diff(new):
-                echo(f"    {line}")
-    summary = f"{len(golden)} cases, {time.perf_counter() - start:.1f} s"
+            results = map(_replan, raws)
+        for (path, old), (kind, payload, seconds) in zip(golden, results):
+            if kind == "infeasible":
+                failed += 1
+                echo(f"FAIL     {path.name}: now infeasible: {payload}")
+                continue
+            if kind == "bad":
+                raise BadInput(f"golden file {path}: its case no longer plans: {payload}")
+            new, secs = Plan.from_json(payload), f"({seconds:.1f} s)"
+            if new == old:
+                echo(f"ok       {path.name} {secs}")
+            elif update:
+                path.write_text(new.to_json(), encoding="utf-8")
+                rewritten += 1
+                echo(f"updated  {path.name} {secs}")
+            else:
+                failed += 1
+                echo(f"CHANGED  {path.name} {secs}")
+                for line in old.diff(new):
+                    echo(f"    {line}")
+    summary = f"{len(golden)} cases, {time.perf_counter() - start:.1f} s ({jobs} processes)"
     if update:
         summary += f", {rewritten} rewritten"
     if failed:

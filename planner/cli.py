@@ -128,6 +128,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ck = sub.add_parser("check", help="re-plan the golden plans and report any decision that moved")
     ck.add_argument("dir", nargs="?", metavar="DIR", help="directory of golden plan JSON (default: tests/golden)")
     ck.add_argument("--update", action="store_true", help="rewrite the golden files that changed")
+    ck.add_argument("--jobs", type=int, metavar="N", help="re-plan in N processes (default: one per core)")
     return p
 
 
@@ -251,7 +252,9 @@ def _cmd_explain(args) -> int:
 def _cmd_check(args) -> int:
     from planner.check import GOLDEN_DIR, check
 
-    return check(args.dir or GOLDEN_DIR, update=args.update)
+    if args.jobs is not None and args.jobs < 1:
+        raise BadInput(f"--jobs must be >= 1, got {args.jobs}")
+    return check(args.dir or GOLDEN_DIR, update=args.update, jobs=args.jobs)
 
 
 _COMMANDS = {"models": _cmd_models, "clusters": _cmd_clusters, "plan": _cmd_plan, "explain": _cmd_explain,

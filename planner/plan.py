@@ -557,20 +557,14 @@ def _validate_placements(d: dict, axes: int) -> None:
         V.dict_(pl, key, f"placements.{key}")
     for name, entry in pl["nodes"].items():
         f = f"placements.nodes.{name}"
-        if not isinstance(entry, dict):
-            V.fail(f, f"expected an object, got {_type_name(entry)}")
-        V.keys(entry, ("out", "in"), f)
-        spec(entry["out"], f"{f}.out", True)
+        spec(_obj(entry, ("out", "in"), f)["out"], f"{f}.out", True)
         for i, x in enumerate(V.list_(entry["in"], f"{f}.in")):
             spec(x, f"{f}.in[{i}]", False)
     for name, v in pl["params"].items():
         spec(v, f"placements.params.{name}", False)
     for name, hub in pl["hubs"].items():
         f = f"placements.hubs.{name}"
-        if not isinstance(hub, dict):
-            V.fail(f, f"expected an object, got {_type_name(hub)}")
-        V.keys(hub, ("at", "grad"), f)
-        spec(hub["at"], f"{f}.at", False)
+        spec(_obj(hub, ("at", "grad"), f)["at"], f"{f}.at", False)
         spec(hub["grad"], f"{f}.grad", True)
 
 

@@ -27,17 +27,23 @@ def _plan(spec: str, mesh: tuple) -> str:
     """A per-op plan on ``mesh`` whose memory limit (half of the replicated plan's peak, or more until
     something fits) makes the ILP shard parameters."""
     if (spec, mesh) not in _plans:
+        import math
+
         from planner.api import make_plan
+        from planner.capture import capture
         from search.cluster import get_cluster
         from search.errors import Infeasible
+        from search.fold import fold
+        from search.opspace import solve_ops
 
         model, args, kwargs = _build(spec)
-        fix = {"dp": mesh[0], "tp": mesh[1]}
-        free = make_plan(model, (args, kwargs), get_cluster("a100-80g", mesh[0] * mesh[1]), dtype="fp32", fix=fix, search="ops")
+        fix, cl = {"dp": mesh[0], "tp": mesh[1]}, get_cluster("a100-80g", mesh[0] * mesh[1])
+        mg = capture(model, args, kwargs)
+        free = solve_ops(mg, fold(mg), mesh, cl, dtype="fp32", memory_limit=math.inf).peak_memory
         for share in (0.5, 0.7, 0.9):
             try:
-                plan = make_plan(model, (args, kwargs), get_cluster("a100-80g", mesh[0] * mesh[1]), dtype="fp32", fix=fix, search="ops",
-                                 memory_limit=share * free.predicted["peak_memory_bytes"])
+                plan = make_plan(model, (args, kwargs), cl, dtype="fp32", fix=fix, search="ops",
+                                 memory_limit=share * free)
                 break
             except Infeasible:
                 continue

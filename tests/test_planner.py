@@ -221,18 +221,6 @@ def _env(seed: str) -> dict:
     return env
 
 
-def test_cli_plan_json_is_byte_identical_across_hash_seeds():
-    cmd = [str(AUTOPAR), "plan", "gpt-tiny", "--cluster", "a100-80g", "--devices", "8", "--format", "json"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(seed), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for seed in ("1", "12345")]
-    outs = [proc.communicate(timeout=300) for proc in procs]
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err.decode()[-2000:]
-    assert outs[0][0] == outs[1][0]
-    d = json.loads(outs[0][0])
-    assert d["version"] == 1 and d["degrees"]["dp"] * d["degrees"]["tp"] == 8
-
-
 def test_cli_exit_codes(capsys):
     assert main(["plan", "gpt-tiny", "--devices", "2", "--format", "json"]) == 0
     out, _ = capsys.readouterr()
