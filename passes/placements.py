@@ -100,7 +100,7 @@ def apply_placements(gm: fx.GraphModule, placements: dict, mesh) -> fx.GraphModu
 
 def _need(spec: str) -> str:
     """Where a value's gradient must arrive for its producer's backward (``search.opspace.need``)."""
-    return ",".join("R" if p == "P" else p for p in spec.split(","))
+    return spec.replace("P", "R")
 
 
 def _call(graph: fx.Graph, fn, args: tuple, *, before: fx.Node | None = None, after: fx.Node | None = None) -> fx.Node:

@@ -724,11 +724,16 @@ def decision(d: dict) -> dict:
     return {**out, "sp": {k: sp[k] for k in ("variant", "degree", "inner", "layout")} if sp else {}}
 
 
+def _blocks_collapsed(fqn: str) -> str:
+    """``h.3.attn.c_attn`` -> ``h.*.attn.c_attn``: block indices as *."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn)
+
+
 def _collapsed(params: dict[str, str]) -> dict[tuple[str, str], int]:
     """(module pattern with block indices as *, placement) -> how many parameters."""
     out: dict[tuple[str, str], int] = {}
     for fqn, spec in params.items():
-        key = (re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn), spec)
+        key = (_blocks_collapsed(fqn), spec)
         out[key] = out.get(key, 0) + 1
     return out
 
@@ -737,7 +742,7 @@ def tp_summary(tp: dict) -> list[tuple[str, str, int, int]]:
     """Collapse block indices: [(pattern, style, groups, count)], e.g. ("h.*.attn.c_attn", "colwise", 1, 3)."""
     counts: dict[tuple[str, str, int], int] = {}
     for fqn, spec in tp.items():
-        pat = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", fqn)
+        pat = _blocks_collapsed(fqn)
         key = (pat, spec["style"], spec["groups"])
         counts[key] = counts.get(key, 0) + 1
     return [(p, s, g, n) for (p, s, g), n in counts.items()]

@@ -165,9 +165,7 @@ class DistributedModule(torch.nn.Module):
             raise BadInput("DistributedModule.load_state_dict(assign=True) would replace the parameters, which "
                            "drops gradient averaging and unties shared ones (e.g. tied embeddings); "
                            "load with assign=False, which copies into the local shards")
-        own = self.gm.state_dict(keep_vars=True)
-        state_dict = {k: replica_part(v, own[k]) if k in own else v for k, v in state_dict.items()}
-        return self.gm.load_state_dict(state_dict, strict=strict)
+        return load_local_parts(self.gm, state_dict, strict)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded tensors under the original names (collective: every rank must call it);
@@ -231,9 +229,7 @@ class PlacedModule(torch.nn.Module):
         if assign:
             raise BadInput("PlacedModule.load_state_dict(assign=True) would replace the DTensor parameters; "
                            "load with assign=False, which copies into the local shards")
-        own = self.gm.state_dict(keep_vars=True)
-        state_dict = {k: replica_part(v, own[k]) if k in own else v for k, v in state_dict.items()}
-        return self.gm.load_state_dict(state_dict, strict=strict)
+        return load_local_parts(self.gm, state_dict, strict)
 
 
 def _place_grad(p: torch.Tensor) -> None:
@@ -249,6 +245,13 @@ def _loss(out) -> torch.Tensor:
         raise BadInput("module.step needs the model to return its loss (a scalar, or an output with .loss); "
                        "pass the targets among the inputs")
     return loss
+
+
+def load_local_parts(gm: torch.nn.Module, state_dict: dict, strict: bool):
+    """Load ``state_dict`` into ``gm``, each DTensor entry as this rank's part of the given tensor."""
+    own = gm.state_dict(keep_vars=True)
+    return gm.load_state_dict({k: replica_part(v, own[k]) if k in own else v for k, v in state_dict.items()},
+                              strict=strict)
 
 
 def replica_part(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

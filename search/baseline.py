@@ -39,8 +39,24 @@ from search.space import MegatronSP, Space, build_space
 CHUNKS = (2, 4, 8, 16, 32, 64)  # chunk counts the search tries (the pass takes any, dividing or not)
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_degrees(fix: dict, devices: int, keys: tuple[str, ...]) -> None:
+    """BadInput unless every pinned degree of ``keys`` in ``fix`` is a positive integer dividing ``devices``."""
+    for key in keys:
+        if key in fix and (isinstance(fix[key], bool) or not isinstance(fix[key], int) or fix[key] < 1
+                           or devices % fix[key]):
+            raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices; "
+                           f"valid degrees: {divisors(devices)}")
+
+
+def dtype_scale(mg: ModelGraph, dtype: str) -> float:
+    """Bytes of ``dtype`` per byte of the dtype the graph was captured in (its parameters')."""
+    dtypes = sorted(set(mg.param_dtypes.values()))
+    captured = "fp32" if not dtypes or "float32" in dtypes else normalize_dtype(dtypes[0])
+    return DTYPE_BYTES[dtype] / DTYPE_BYTES[captured]
 
 
 def shard_all(space: Space, price: Callable[[dict[str, int]], Candidate], limit: float) -> Candidate:
@@ -76,11 +92,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
         raise BadInput(f"--fix schedule={fix['schedule']} needs pp>1")
     devices = cluster.devices
     limit = memory_limit if memory_limit is not None else cluster.memory_bytes
-    for key in ("dp", "tp", "pp", "sp"):
-        if key in fix and (isinstance(fix[key], bool) or not isinstance(fix[key], int) or fix[key] < 1
-                           or devices % fix[key]):
-            raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices; "
-                           f"valid degrees: {_divisors(devices)}")
+    check_degrees(fix, devices, ("dp", "tp", "pp", "sp"))
     pinned = [fix[k] for k in ("dp", "tp", "pp", "sp") if k in fix]
     product = 1
     for d in pinned:
@@ -88,11 +100,11 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     if devices % product or (len(pinned) == 4 and product != devices):
         got = " × ".join(f"{k}={fix[k]}" for k in ("pp", "dp", "sp", "tp") if k in fix)
         raise BadInput(f"{got} does not factor the cluster's {devices} devices")
-    scale = DTYPE_BYTES[dtype] / DTYPE_BYTES[normalize_dtype(_graph_dtype(mg))]
-    tps = [fix["tp"]] if "tp" in fix else [t for t in _divisors(devices) if t <= cluster.devices_per_node]
+    scale = dtype_scale(mg, dtype)
+    tps = [fix["tp"]] if "tp" in fix else [t for t in divisors(devices) if t <= cluster.devices_per_node]
     pipelined = fix.get("schedule", "none") != "none" or fix.get("pp", 1) > 1
     pps = [fix["pp"]] if "pp" in fix else [1] if fix.get("sp", 1) > 1 else \
-        [p for p in _divisors(devices) if p > 1 or not pipelined]
+        [p for p in divisors(devices) if p > 1 or not pipelined]
     folding = folding if folding is not None else fold(mg)
     sps, dsp = _sequence_degrees(mg, excerpt(mg.gm, folding).gm, fix, devices, pipelined)
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
@@ -175,7 +187,7 @@ def _sequence_degrees(mg: ModelGraph, gm, fix: dict, devices: int, pipelined: bo
         dsp, tokens = True, one.frames * one.tokens
     if want is not None:
         return [want], dsp
-    return [d for d in _divisors(devices) if d == 1 or tokens // d >= seqpar.MIN_TOKENS], dsp
+    return [d for d in divisors(devices) if d == 1 or tokens // d >= seqpar.MIN_TOKENS], dsp
 
 
 def _dsp_unusable(mg: ModelGraph, sp: int, tp: int, variant: str | None) -> str:
@@ -223,7 +235,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
     for zero in zeros:
         if "zero" in fix and fix["zero"] != zero:
             continue
-        for micro in _divisors(local):
+        for micro in divisors(local):
             m = local // micro
             if ("microbatches" in fix and fix["microbatches"] != m) or \
                     ("microbatch_size" in fix and fix["microbatch_size"] != micro):
@@ -278,11 +290,6 @@ def _gib(nbytes: float) -> str:
     """GiB with one decimal, or three significant digits below 1 GiB (a tiny limit must not read "0.0")."""
     g = nbytes / 2**30
     return f"{g:.1f}" if g >= 1 else f"{g:.3g}"
-
-
-def _graph_dtype(mg: ModelGraph) -> str:
-    dtypes = sorted(set(mg.param_dtypes.values()))
-    return "fp32" if not dtypes or "float32" in dtypes else normalize_dtype(dtypes[0])
 
 
 def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster, dtype: str,

@@ -39,7 +39,8 @@ import torch
 import torch.fx as fx
 
 from search import cost
-from search.candidate import Candidate
+from search.baseline import check_degrees, divisors, dtype_scale
+from search.candidate import DTYPE_BYTES, Candidate
 from search.cluster import Cluster, normalize_dtype
 from search.errors import BadInput
 from search.fold import Folding, excerpt, fold
@@ -51,7 +52,6 @@ from search.placement import op_name
 from search.saved import annotate_saved
 from search.space import backward_transient, node_work
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TIME_LIMIT_S = 30.0
 RELATIVE_GAP = 1e-3   # the ILP stops within 0.1% of the optimum (deterministic; the gap is written to the plan)
 SKIP = {"_assert_tensor_metadata"}   # asserts on fake tensors: no value, dropped when emitted
@@ -239,8 +239,7 @@ def solve_ops(mg: ModelGraph, folding: Folding, mesh: tuple, cl: Cluster, *, dty
 class _Builder:
     def __init__(self, mg: ModelGraph, folding: Folding, mesh: tuple, cl: Cluster, dtype: str, batch_scale: float):
         self.mg, self.mesh, self.cl, self.dtype = mg, mesh, cl, dtype
-        graph_dtype = "fp32" if "float32" in set(mg.param_dtypes.values()) or not mg.param_dtypes else "bf16"
-        self.dtype_scale = DTYPE_BYTES[dtype] / DTYPE_BYTES[graph_dtype]
+        self.dtype_scale = dtype_scale(mg, dtype)
         self.batch_scale = batch_scale
         self.pricer = Pricer(mesh, cl)
         annotate_saved(mg.gm, folding=folding)
@@ -294,11 +293,13 @@ class _Builder:
 
     def param_cost(self, p: fx.Node, spec: tuple, grad: tuple) -> tuple[float, float, float]:
         """(s, bytes, memory) of a parameter held as ``spec`` whose gradient arrives as ``grad``."""
-        numel = math.prod(self.shapes[p.target])
+        t, b = self.pricer.reshard(grad, need(spec), math.prod(self.shapes[p.target]) * DTYPE_BYTES[self.dtype])
+        return t, b, float(sum(self.states(p.target, spec).values()))
+
+    def states(self, fqn: str, spec: tuple) -> dict:
+        """Bytes per device of a parameter's params, grads and Adam state held as ``spec``."""
         shards = math.prod(n for n, x in zip(self.mesh, spec) if isinstance(x, int))
-        states = model_state_bytes(-(-numel // shards), dtype=self.dtype, zero_stage=0, dp=1)
-        t, b = self.pricer.reshard(grad, need(spec), numel * DTYPE_BYTES[self.dtype])
-        return t, b, float(sum(states.values()))
+        return model_state_bytes(-(-math.prod(self.shapes[fqn]) // shards), dtype=self.dtype, zero_stage=0, dp=1)
 
     def edge(self, src: tuple, dst: tuple, grad: tuple | None, back: tuple, value: fx.Node) -> tuple[float, float]:
         """(s, bytes) of value's edge: forward ``src`` -> ``dst``; backward ``grad`` -> ``back`` if it needs one."""
@@ -452,9 +453,7 @@ class _Builder:
         for fqn, spec in params.items():
             if fqn not in self.mg.param_shapes:   # a tied alias
                 continue
-            numel = math.prod(self.shapes[fqn])
-            shards = math.prod(n for n, x in zip(self.mesh, spec) if isinstance(x, int))
-            for k, v in model_state_bytes(-(-numel // shards), dtype=self.dtype, zero_stage=0, dp=1).items():
+            for k, v in self.states(fqn, spec).items():
                 states[k] += v
         acts -= sum(states.values())
         mem = {**states, "activations": acts + self.transient}
@@ -478,12 +477,9 @@ def ops_candidates(mg: ModelGraph, cl: Cluster, *, global_batch: int, dtype: str
         raise BadInput(f"the per-op search plans dp x tp meshes (one microbatch, no ZeRO, pipeline, sequence "
                        f"parallelism or recompute yet); it cannot take --fix {sorted(unknown | set(pinned))}")
     devices = cl.devices
-    for key in ("dp", "tp"):
-        if key in fix and (isinstance(fix[key], bool) or not isinstance(fix[key], int) or fix[key] < 1
-                           or devices % fix[key]):
-            raise BadInput(f"--fix {key}={fix[key]} does not divide the {devices} devices")
+    check_degrees(fix, devices, ("dp", "tp"))
     limit = memory_limit if memory_limit is not None else cl.memory_bytes
-    meshes = [(devices // t, t) for t in range(1, devices + 1) if devices % t == 0 and t <= cl.devices_per_node
+    meshes = [(devices // t, t) for t in divisors(devices) if t <= cl.devices_per_node
               and fix.get("tp", t) == t and fix.get("dp", devices // t) == devices // t]
     # without the limit the ILP collapses to an exact dynamic program (fast); its step time bounds the
     # limited one's from below, so a mesh whose free optimum is already slower than a plan that fits is
