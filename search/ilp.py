@@ -118,6 +118,17 @@ class IlpSolution:
     backend: str
 
 
+def binary_parts(k: int) -> list[int]:
+    """Parts whose subset sums are exactly 0..k: 1, 2, 4, ... and the remainder (``7 -> [1, 2, 4]``,
+    ``12 -> [1, 2, 4, 5]``): k identical items as O(log k) 0/1 nodes (bounded-knapsack splitting)."""
+    parts, p = [], 1
+    while k > 0:
+        parts.append(min(p, k))
+        k -= parts[-1]
+        p *= 2
+    return parts
+
+
 def _check_weight(weight) -> int:
     if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or weight < 1:
         raise BadInput(f"weight must be a positive integer, got {weight!r}")

@@ -19,6 +19,11 @@ Folding: nodes of every instance of a template share one ILP variable, weighted 
 the graph walked is the folding's excerpt (``search.fold.excerpt``: the blocks' first, second and
 last instances, the second weighted for the ones it stands for), so building and solving the ILP
 costs O(template + nodes outside blocks), not O(depth). ``no_fold`` gives every node its own variable.
+Under a memory limit one strategy for every block is not enough: the unfolded optimum shards some
+blocks more than others to fill memory. There the k instances are split into runs of 1, 2, 4, ...
+instances (the remainder last: ``search.ilp.binary_parts``), each run with its own variables and the
+edges between runs priced, so any n of k blocks can take one strategy and the rest another, at
+O(template × log k) variables.
 
     >>> from examples.zoo import build
     >>> from planner.capture import capture
@@ -45,7 +50,7 @@ from search.cluster import Cluster, normalize_dtype
 from search.errors import BadInput
 from search.fold import Folding, excerpt, fold
 from search.graph import ModelGraph
-from search.ilp import IlpProblem, solve
+from search.ilp import IlpProblem, binary_parts, solve
 from search.memory import model_state_bytes
 from search.oprules import P, R, Option, name, options, shape_of, tensor_inputs
 from search.placement import op_name
@@ -248,9 +253,13 @@ class _Builder:
         self.shapes = {n: tuple(p.shape) for n, p in mg.gm.named_parameters(remove_duplicate=False)}   # tied names too
         self.g = _Graph(ex.gm, set(self.shapes))
         self.var_of: dict[str, str] = {}     # node name -> the node whose variable it shares (its first instance's)
+        self.instance: dict[str, tuple[str, int]] = {}   # node of a block -> (template, instance index)
+        self.count = {t.id: len(t.instances) for t in folding.templates}
         for t in folding.templates:
             for first, names in folding.correspondence(t.id).items():
                 self.var_of.update({n: first for n in names})
+                self.instance.update({n: (t.id, i) for i, n in enumerate(names)})
+        self.groups: dict[str, list[tuple[int, int]]] = {}   # template -> its instance groups (first, last)
         self.warnings: list[str] = []
         self.transient = backward_transient(mg.gm) * self.dtype_scale * batch_scale
 
@@ -259,6 +268,58 @@ class _Builder:
 
     def var(self, node: fx.Node) -> str:
         return self.var_of.get(node.name, node.name)
+
+    def group_instances(self, grouped: bool) -> None:
+        """Split every template's instances into runs of 1, 2, 4, ... (and the remainder), each its own
+        ILP variables, or keep them as one run."""
+        self.groups = {}
+        for t, k in self.count.items():
+            sizes = binary_parts(k) if grouped else [k]
+            starts = list(itertools.accumulate([0] + sizes[:-1]))
+            self.groups[t] = [(a, a + n - 1) for a, n in zip(starts, sizes)]
+
+    def key(self, name: str) -> str:
+        """The ILP variable of a node of the whole graph."""
+        if name not in self.instance:
+            return name
+        t, i = self.instance[name]
+        return f"{self.var_of[name]}@{next(g for g, (a, b) in enumerate(self.groups[t]) if a <= i <= b)}"
+
+    def span(self, node: fx.Node) -> tuple[str, int, int] | None:
+        """(template, first, last instance) a kept node of a block stands for."""
+        if node.name not in self.instance:
+            return None
+        t, i = self.instance[node.name]
+        return t, i, i + self.w(node) - 1
+
+    def pieces(self, node: fx.Node) -> list[tuple[str, int]]:
+        """(ILP variable, instances it counts) of a kept node: one per instance group it stands in."""
+        span = self.span(node)
+        if span is None:
+            return [(node.name, self.w(node))]
+        t, lo, hi = span
+        return [(f"{self.var(node)}@{g}", min(hi, b) - max(lo, a) + 1)
+                for g, (a, b) in enumerate(self.groups[t]) if a <= hi and lo <= b]
+
+    def links(self, a: fx.Node, n: fx.Node) -> list[tuple[str, str, int]]:
+        """(producer variable, reader variable, count) of the edges the kept edge a -> n stands for. In
+        one template an edge is inside an instance (same group) or from the previous instance (the
+        previous group at a group's first instance)."""
+        sa, sn, into = self.span(a), self.span(n), self.pieces(n)
+        if sa is None or sn is None or sa[0] != sn[0]:
+            src = max(self.pieces(a), key=lambda p: p[1])[0]   # a one-piece producer (a rare many-piece: its largest)
+            return [(src, v, c) for v, c in into]
+        t, lo, _ = sn
+        out = []
+        for (v, c), g in zip(into, (g for g, (x, y) in enumerate(self.groups[t]) if x <= sn[2] and lo <= y)):
+            same = f"{self.var(a)}@{g}"
+            first = self.groups[t][g][0]
+            if sa[1] != lo and lo <= first and first > 0:   # the group's first instance reads the group before
+                out.append((f"{self.var(a)}@{g - 1}", v, 1))
+                c -= 1
+            if c:
+                out.append((same, v, c))
+        return out
 
     def scale(self, node: fx.Node) -> float:
         """Bytes per captured byte of this value in the step: dtype, and the batch if it carries one."""
@@ -313,12 +374,16 @@ class _Builder:
     # ---- the ILP
 
     def solve(self, limit: float) -> OpSolution:
+        """The cheapest placements within ``limit``. A finite limit gives each template's instance groups
+        their own variables, so blocks can mix strategies to fill memory as the unfolded ILP does."""
         g = self.g
+        self.group_instances(grouped=math.isfinite(limit))
         problem = IlpProblem()
         index: dict[str, int] = {}          # variable key -> ILP node
         strat: dict[str, list] = {}         # variable key -> its strategies
         parts: dict[str, list] = {}         # variable key -> per strategy (compute, sync, sync bytes, memory)
         edges: dict[tuple, list] = {}       # (u key, v key, tag) -> [matrix of (s, bytes), weight]
+        matrices: dict[tuple, list] = {}    # (u, v, tag) without instance groups -> matrix
 
         def add(key: str, choices: list, costs: list, weight: int):
             if key in index:
@@ -331,44 +396,50 @@ class _Builder:
             k = (u, v, tag)
             if k in edges:
                 edges[k][1] += weight
-            else:
-                edges[k] = [matrix_fn(), weight]
+                return
+            base = (u.split("@")[0], v.split("@")[0], tag)
+            if base not in matrices:
+                matrices[base] = matrix_fn()
+            edges[k] = [matrices[base], weight]
 
         hubs = {a for a, rs in g.readers.items() if len(rs) > 1 and a in g.grad}
         for n in g.nodes:
             if n.name not in g.dynamic or (n.op == "call_function" and _skipped(n)):
                 continue
-            key = self.var(n)
             if n.op == "placeholder":
                 specs = value_specs(shape_of(n) or (), self.mesh) if shape_of(n) else [(R,) * len(self.mesh)]
-                add(key, [Strategy(s, (), (), (False,) * len(self.mesh)) for s in specs],
+                add(n.name, [Strategy(s, (), (), (False,) * len(self.mesh)) for s in specs],
                     [(0.0, 0.0, 0.0, 0.0)] * len(specs), self.w(n))
             elif n.name in g.param:
                 if n.name in hubs:
-                    self._add_hub(n, key, add, param=True)
+                    self._add_hub(n, n.name, add, param=True, weight=self.w(n))
             elif n.op == "call_function":
                 ss = self.op_strategies(n)
-                add(key, ss, [self.op_cost(n, s) for s in ss], self.w(n))
+                costs = [self.op_cost(n, s) for s in ss]
+                for key, c in self.pieces(n):
+                    add(key, ss, costs, c)
             if n.name in hubs and n.name not in g.param:
-                self._add_hub(n, key, add, param=False)
-                link(key, "hub:" + key, None, lambda n=n, key=key: self._matrix_to_hub(n, strat[key], strat["hub:" + key]),
-                     self.w(n))
+                for key, c in self.pieces(n):
+                    self._add_hub(n, key, add, param=False, weight=c)
+                    link(key, "hub:" + key, None,
+                         lambda n=n, key=key: self._matrix_to_hub(n, strat[key], strat["hub:" + key]), c)
         for n in g.nodes:   # edges into every op
             if n.op != "call_function" or n.name not in g.dynamic or _skipped(n):
                 continue
             for j, a in enumerate(tensor_inputs(n)):
                 if a.name not in g.dynamic or (a.name in g.param and a.name not in hubs and len(g.readers[a.name]) == 1):
                     continue
-                u = ("hub:" + self.var(a)) if a.name in hubs else self.var(a)
-                link(u, self.var(n), j, lambda a=a, u=u, n=n, j=j: self._matrix_into(a, strat[u], strat[self.var(n)], j,
-                                                                                      u.startswith("hub:")), self.w(n))
+                hub = "hub:" if a.name in hubs else ""
+                for u, v, c in self.links(a, n):
+                    link(hub + u, v, j, lambda a=a, u=hub + u, v=v, j=j, h=bool(hub):
+                         self._matrix_into(a, strat[u], strat[v], j, h), c)
         sink = {}
         for a in g.outputs:   # the caller gets whole outputs (the loss: an all-reduce of a scalar)
-            key = self.var(a)
-            sink[key] = [self.pricer.reshard(s.out, (R,) * len(self.mesh), _value_bytes(a) * self.scale(a))
-                         for s in strat[key]]
-            for i, (t, _) in enumerate(sink[key]):
-                problem.costs[index[key]][i] += t / problem.weights[index[key]]
+            for key, _ in self.pieces(a):
+                sink[key] = [self.pricer.reshard(s.out, (R,) * len(self.mesh), _value_bytes(a) * self.scale(a))
+                             for s in strat[key]]
+                for i, (t, _) in enumerate(sink[key]):
+                    problem.costs[index[key]][i] += t / problem.weights[index[key]]
         for (u, v, _), (matrix, weight) in edges.items():
             problem.add_edge(index[u], index[v], [[t for t, _ in row] for row in matrix], weight)
         sol = solve(problem, memory_limit=limit - self.transient, time_limit_s=TIME_LIMIT_S, relative_gap=RELATIVE_GAP)
@@ -378,7 +449,7 @@ class _Builder:
         pick = {key: choice[i] for key, i in index.items()}
         return self._solution(problem, pick, index, strat, parts, edges, sink, sol)
 
-    def _add_hub(self, n: fx.Node, key: str, add, param: bool):
+    def _add_hub(self, n: fx.Node, key: str, add, param: bool, weight: int):
         """A hub variable: (readers' placement F, placement where the readers' gradients are summed)."""
         specs = value_specs(shape_of(n) or (), self.mesh)
         choices, costs = [], []
@@ -393,7 +464,7 @@ class _Builder:
                     costs.append((0.0, t, b, m))
                 else:
                     costs.append((0.0, 0.0, 0.0, 0.0))
-        add("hub:" + key, choices, costs, self.w(n))
+        add("hub:" + key, choices, costs, weight)
 
     def _matrix_to_hub(self, value: fx.Node, src: list, hub: list) -> list:
         return [[self.edge(s.out, h.out, h.grads[0], need(s.out), value) for h in hub] for s in src]
@@ -422,7 +493,7 @@ class _Builder:
         full = self.mg.gm.graph.nodes
         by_var: dict[str, list[str]] = {}
         for n in full:
-            by_var.setdefault(self.var_of.get(n.name, n.name), []).append(n.name)
+            by_var.setdefault(self.key(n.name), []).append(n.name)
         for key, i in pick.items():   # every instance's node; "hub:<value>": its readers' placement
             hub = "hub:" if key.startswith("hub:") else ""
             for name_ in by_var.get(key[len(hub):], [key[len(hub):]]):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from search.candidate import Candidate
-from search.ilp import IlpProblem, solve
+from search.ilp import IlpProblem, binary_parts, solve
 from search.space import Space
 
 TIME_LIMIT_S = 10.0
@@ -31,7 +31,7 @@ def ilp_select(space: Space, price: Callable[[dict[str, int]], Candidate], limit
     for choice in space.choices:
         one = price({choice.key: 1})
         dt, dm = one.step_time_s - base.step_time_s, one.peak_memory - base.peak_memory
-        for part in _binary_parts(choice.instances):
+        for part in binary_parts(choice.instances):
             problem.add_node([0.0, part * dt], [0.0, part * dm])
             parts.append((choice.key, part))
     sol = solve(problem, memory_limit=limit - base.peak_memory, time_limit_s=TIME_LIMIT_S)
@@ -53,14 +53,3 @@ def ilp_select(space: Space, price: Callable[[dict[str, int]], Candidate], limit
     status = "full-layout" if sol.choice is None and cand.feasible else sol.status
     cand.solver = {"status": status, "gap": sol.gap or 0.0, "variables": sum(len(c) for c in problem.costs)}
     return cand
-
-
-def _binary_parts(k: int) -> list[int]:
-    """Parts whose subset sums are exactly 0..k: 1, 2, 4, ... and the remainder (``7 -> [1, 2, 4]``,
-    ``12 -> [1, 2, 4, 5]``)."""
-    parts, p = [], 1
-    while k > 0:
-        parts.append(min(p, k))
-        k -= parts[-1]
-        p *= 2
-    return parts

@@ -15,7 +15,8 @@ from search.baseline import enumerate_candidates, shard_all
 from search.cluster import get_cluster
 from search.fold import fold, no_fold
 from search.placement import propagate
-from search.strategy import _binary_parts, ilp_select
+from search.ilp import binary_parts
+from search.strategy import ilp_select
 
 
 def _gpt(layers: int, hidden: int = 64, heads: int = 4, batch: int = 2, seq: int = 32):
@@ -124,12 +125,12 @@ def test_folded_and_unfolded_searches_agree(layers):
             if fix is tp2 and limit is not None:  # only some instances sharded: counts, not all-or-none
                 assert 0 < len(folded.styles) < 4 * layers
             if folded.tp > 1:  # a binary-coded count per template cone vs a 0/1 per instance cone
-                cones = folded.solver["variables"] // (2 * len(_binary_parts(layers)))
+                cones = folded.solver["variables"] // (2 * len(binary_parts(layers)))
                 assert flat.solver["variables"] == 2 * layers * cones > 0
 
 
 @pytest.mark.parametrize("k", range(1, 70))
 def test_binary_parts_cover_every_count_once(k):
-    parts = _binary_parts(k)
+    parts = binary_parts(k)
     sums = {sum(c) for r in range(len(parts) + 1) for c in itertools.combinations(parts, r)}
     assert sums == set(range(k + 1)) and len(parts) <= k.bit_length()
