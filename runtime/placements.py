@@ -10,12 +10,14 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch._prims_common import make_contiguous_strides_for
 from torch.distributed.distributed_c10d import _resolve_process_group
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.experimental import register_sharding
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime.collectives import algorithmic_bytes, comm_stats
+from runtime.dsp import switch_shard
 
 aten = torch.ops.aten
 _lock = threading.Lock()
@@ -43,8 +45,30 @@ def to_placement(x, mesh, spec: str, grad: str | None = None):
     if grad is not None and x.requires_grad:
         x = _GradTo.apply(x, parse(grad))
     if tuple(x.placements) != want:
+        x = _switch_dims(x, mesh, want)
+    if tuple(x.placements) != want:
         x = x.redistribute(mesh, want)
     return _Contiguous.apply(x)
+
+
+def _switch_dims(x: DTensor, mesh, want: tuple) -> DTensor:
+    """``x`` with every mesh axis that goes Shard(i) -> Shard(j) switched by one all-to-all of the local
+    shard, forward and backward, as the plan prices it (``runtime.dsp.switch_shard``): on CPU process
+    groups DTensor's redistribute gathers the whole tensor instead. A shard on a later (inner) axis
+    subdivides the earlier axes' shard of that dim, so an axis is switched here only when no later axis
+    shards either dim (inner axes first); the rest is left to DTensor."""
+    cur = list(x.placements)
+    for a in reversed(range(mesh.ndim)):
+        c, w = cur[a], want[a]
+        if not (c.is_shard() and w.is_shard() and c.dim != w.dim):
+            continue
+        if any(p.is_shard() and p.dim in (c.dim, w.dim) for p in cur[a + 1:]):
+            continue
+        local = switch_shard(x.to_local(), mesh.get_group(a), c.dim, w.dim)
+        cur[a] = w
+        x = DTensor.from_local(local, mesh, cur, run_check=False, shape=x.shape,
+                               stride=make_contiguous_strides_for(x.shape))
+    return x
 
 
 class _GradTo(torch.autograd.Function):
