@@ -375,9 +375,21 @@ class _Builder:
 
     def solve(self, limit: float) -> OpSolution:
         """The cheapest placements within ``limit``. A finite limit gives each template's instance groups
-        their own variables, so blocks can mix strategies to fill memory as the unfolded ILP does."""
+        their own variables, so blocks can mix strategies to fill memory as the unfolded ILP does; should
+        that ILP stop at its time limit short of optimal, one strategy per template is tried too and the
+        faster plan kept."""
+        if not math.isfinite(limit):
+            return self._solve(limit, grouped=False)
+        sol = self._solve(limit, grouped=True)
+        if sol.solver["status"] == "optimal":
+            return sol
+        alt = self._solve(limit, grouped=False)
+        return alt if alt.feasible and (not sol.feasible or alt.step_time_s < sol.step_time_s) else sol
+
+    def _solve(self, limit: float, grouped: bool) -> OpSolution:
         g = self.g
-        self.group_instances(grouped=math.isfinite(limit))
+        self.warnings = []
+        self.group_instances(grouped)
         problem = IlpProblem()
         index: dict[str, int] = {}          # variable key -> ILP node
         strat: dict[str, list] = {}         # variable key -> its strategies
