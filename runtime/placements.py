@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime.collectives import algorithmic_bytes, comm_stats
 from runtime.dsp import switch_shard
+from search.opspace import reshard_steps
 
 aten = torch.ops.aten
 _lock = threading.Lock()
@@ -45,30 +46,30 @@ def to_placement(x, mesh, spec: str, grad: str | None = None):
     if grad is not None and x.requires_grad:
         x = _GradTo.apply(x, parse(grad))
     if tuple(x.placements) != want:
-        x = _switch_dims(x, mesh, want)
-    if tuple(x.placements) != want:
-        x = x.redistribute(mesh, want)
+        x = _reshard(x, mesh, want)
     return _Contiguous.apply(x)
 
 
-def _switch_dims(x: DTensor, mesh, want: tuple) -> DTensor:
-    """``x`` with every mesh axis that goes Shard(i) -> Shard(j) switched by one all-to-all of the local
-    shard, forward and backward, as the plan prices it (``runtime.dsp.switch_shard``): on CPU process
-    groups DTensor's redistribute gathers the whole tensor instead. A shard on a later (inner) axis
-    subdivides the earlier axes' shard of that dim, so an axis is switched here only when no later axis
-    shards either dim (inner axes first); the rest is left to DTensor."""
+def _reshard(x: DTensor, mesh, want: tuple) -> DTensor:
+    """``x`` placed as ``want`` by the one-axis moves the plan priced (``search.opspace.reshard_steps``):
+    a Shard(i) -> Shard(j) move is one all-to-all of the local shard on its axis, forward and backward
+    (``runtime.dsp.switch_shard``; DTensor on CPU process groups would gather the whole tensor), any
+    other move one DTensor redistribute on one axis."""
     cur = list(x.placements)
-    for a in reversed(range(mesh.ndim)):
-        c, w = cur[a], want[a]
-        if not (c.is_shard() and w.is_shard() and c.dim != w.dim):
-            continue
-        if any(p.is_shard() and p.dim in (c.dim, w.dim) for p in cur[a + 1:]):
-            continue
-        local = switch_shard(x.to_local(), mesh.get_group(a), c.dim, w.dim)
-        cur[a] = w
-        x = DTensor.from_local(local, mesh, cur, run_check=False, shape=x.shape,
-                               stride=make_contiguous_strides_for(x.shape))
+    for a, s, d in reshard_steps(_spec(cur), _spec(want), tuple(mesh.shape)):
+        cur[a] = Replicate() if d == "R" else Partial() if d == "P" else Shard(d)
+        if isinstance(s, int) and isinstance(d, int):
+            local = switch_shard(x.to_local(), mesh.get_group(a), s, d)
+            x = DTensor.from_local(local, mesh, cur, run_check=False, shape=x.shape,
+                                   stride=make_contiguous_strides_for(x.shape))
+        else:
+            x = x.redistribute(mesh, cur)
     return x
+
+
+def _spec(placements) -> tuple:
+    """DTensor placements as ``search.opspace`` writes them: a dim, ``"R"`` or ``"P"``."""
+    return tuple(p.dim if p.is_shard() else "P" if p.is_partial() else "R" for p in placements)
 
 
 class _GradTo(torch.autograd.Function):
@@ -86,7 +87,7 @@ class _GradTo(torch.autograd.Function):
             return g, None
         want = tuple(cur if w.is_partial() and not cur.is_partial() else w
                      for cur, w in zip(g.placements, ctx.placements))
-        return (g if tuple(g.placements) == want else g.redistribute(g.device_mesh, want)), None
+        return (g if tuple(g.placements) == want else _reshard(g, g.device_mesh, want)), None
 
 
 def _contiguous(x):

@@ -158,17 +158,14 @@ class Pricer:
 
     def _reshard(self, src: tuple, dst: tuple, nbytes: float) -> tuple[float, float]:
         """(seconds, bytes sent per device) to turn placement ``src`` into ``dst`` for a value of
-        ``nbytes`` (whole). Axes that shrink the local tensor go first, those that grow it last."""
+        ``nbytes`` (whole), one :func:`reshard_steps` move at a time (the emission runs the same moves)."""
         local = nbytes / math.prod(n for n, p in zip(self.mesh, src) if isinstance(p, int))
-        cur = list(src)
         secs = sent = 0.0
-        order = sorted(range(len(self.mesh)), key=lambda a: (not isinstance(dst[a], int), a))
-        for a in order:
-            s, d, n = cur[a], dst[a], self.mesh[a]
-            if s == d or n == 1 or d == P or (s == R and isinstance(d, int)):
-                if isinstance(d, int) and not isinstance(s, int):
+        for a, s, d in reshard_steps(src, dst, self.mesh):
+            n = self.mesh[a]
+            if d == P or (s == R and isinstance(d, int)):   # a local slice (or a replica read as partial)
+                if isinstance(d, int):
                     local /= n
-                cur[a] = d
                 continue
             if isinstance(s, int) and d == R:
                 kind, full = "all_gather", local * n
@@ -182,8 +179,39 @@ class Pricer:
                 kind, full = "all_to_all", local
             secs += cost.collective_time(kind, full, n, self.cl, spans_nodes=self.spans[a])
             sent += cost.bytes_sent_per_rank(kind, full, n)
-            cur[a] = d
         return secs, sent
+
+
+def reshard_steps(src: tuple, dst: tuple, mesh: tuple) -> list[tuple[int, object, object]]:
+    """The one-axis moves ``(axis, from, to)`` that turn placement ``src`` into ``dst``: axes that
+    shrink the local tensor first, the others after, each by one collective (or a local slice) on
+    its axis. A dim sharded by several axes is nested outer to inner (DTensor's order), so an axis
+    moves only once no later axis shards a dim it moves from or to: such inner shards are gathered
+    first and sliced again when their turn comes.
+
+    >>> reshard_steps((R, 1), (R, 2), (2, 4))     # one all-to-all on the inner axis
+    [(1, 1, 2)]
+    >>> reshard_steps((2, 2), (0, 2), (2, 2))     # the inner shard of dim 2 is gathered first
+    [(1, 2, 'R'), (0, 2, 0), (1, 'R', 2)]
+    """
+    cur, steps = list(src), []
+
+    def move(a: int, d):
+        dims = {x for x in (cur[a], d) if isinstance(x, int)}
+        for b in range(a + 1, len(mesh)):
+            if mesh[b] > 1 and cur[b] in dims:
+                steps.append((b, cur[b], R))
+                cur[b] = R
+        steps.append((a, cur[a], d))
+        cur[a] = d
+
+    for a in sorted(range(len(mesh)), key=lambda a: (not isinstance(dst[a], int), a)):
+        if cur[a] != dst[a] and mesh[a] > 1:
+            move(a, dst[a])
+    for a in range(len(mesh)):   # inner axes gathered above go back where they belong
+        if cur[a] != dst[a] and mesh[a] > 1:
+            move(a, dst[a])
+    return steps
 
 
 def _value_bytes(node: fx.Node) -> float:
@@ -381,7 +409,7 @@ class _Builder:
         if not math.isfinite(limit):
             return self._solve(limit, grouped=False)
         sol = self._solve(limit, grouped=True)
-        if sol.solver["status"] == "optimal":
+        if sol.solver["status"] == "optimal" or all(len(g) == 1 for g in self.groups.values()):
             return sol
         alt = self._solve(limit, grouped=False)
         return alt if alt.feasible and (not sol.feasible or alt.step_time_s < sol.step_time_s) else sol

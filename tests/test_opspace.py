@@ -15,7 +15,7 @@ from planner.capture import capture
 from search.cluster import get_cluster
 from search.errors import BadInput
 from search.fold import fold, no_fold
-from search.opspace import RELATIVE_GAP, Pricer, solve_ops, strategies, value_specs
+from search.opspace import RELATIVE_GAP, Pricer, reshard_steps, solve_ops, strategies, value_specs
 from search.oprules import P, R, options, view_dims
 
 
@@ -70,6 +70,13 @@ def test_reshard_prices_follow_the_ring_formulas():
     assert p.reshard((R, 1), (R, 2), n)[1] == pytest.approx(7 / 8 * n / 8)        # all-to-all of the local shard
     assert p.reshard((R, R), (0, 1), n) == (0.0, 0.0)                            # slicing is free
     assert p.reshard((P, R), (R, R), n)[0] > p.reshard((R, P), (R, R), n)[0]      # the outer axis spans nodes
+    # a dim sharded by both axes is nested outer to inner (DTensor's order): the outer axis moves it only
+    # after the inner shard is gathered (the emission runs the same moves: tests/test_placements_emit.py)
+    q = Pricer((2, 2), get_cluster("a100-80g", 4))
+    assert reshard_steps((2, 2), (0, 2), (2, 2)) == [(1, 2, R), (0, 2, 0), (1, R, 2)]
+    assert q.reshard((2, 2), (0, 2), n)[1] == pytest.approx(n / 4 + n / 4)         # all-gather, then all-to-all
+    assert reshard_steps((0, R), (0, 0), (2, 2)) == [(1, R, 0)]                     # an inner slice: free
+    assert reshard_steps((R, 0), (0, 0), (2, 2)) == [(1, 0, R), (0, R, 0), (1, R, 0)]
 
 
 def test_ilp_rediscovers_megatron_on_a_tp_axis():
