@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run_opemit.py     # writes bench/results/opemit.json, prints a table
 
-The plans of tests/test_placements_emit.py (a100-80g profile, a memory limit of half the free plan's
+The plans of tests/test_placements_emit.py (a100-80g profile, a memory limit of 60 % of the free plan's
 peak, fp32; 2 × 2 on 4 ranks, 1 × 2 and 2 × 1 on 2 ranks). One forward + backward per case under
 ``runtime.placements.CountCollectives``, which counts every functional collective DTensor issues
 (forward, backward and the gradient placement after accumulation) with the ring bytes the cost model

@@ -24,7 +24,7 @@ _plans: dict = {}
 
 
 def _plan(spec: str, mesh: tuple) -> str:
-    """A per-op plan on ``mesh`` whose memory limit (half of the replicated plan's peak, or more until
+    """A per-op plan on ``mesh`` whose memory limit (60 % of the free plan's peak, or more until
     something fits) makes the ILP shard parameters."""
     if (spec, mesh) not in _plans:
         import math
@@ -40,7 +40,7 @@ def _plan(spec: str, mesh: tuple) -> str:
         fix, cl = {"dp": mesh[0], "tp": mesh[1]}, get_cluster("a100-80g", mesh[0] * mesh[1])
         mg = capture(model, args, kwargs)
         free = solve_ops(mg, fold(mg), mesh, cl, dtype="fp32", memory_limit=math.inf).peak_memory
-        for share in (0.5, 0.7, 0.9):
+        for share in (0.6, 0.7, 0.9):   # at 50 % the 2 x 2 Llama ILP hits its time limit
             try:
                 plan = make_plan(model, (args, kwargs), cl, dtype="fp32", fix=fix, search="ops",
                                  memory_limit=share * free)
