@@ -27,10 +27,12 @@ _registered = False
 
 def parse(spec: str) -> tuple:
     """``"R,S1"`` -> (Replicate(), Shard(1))."""
-    out = []
-    for p in spec.split(","):
-        out.append(Replicate() if p == "R" else Partial() if p == "P" else Shard(int(p[1:])))
-    return tuple(out)
+    return tuple(_placement(p if p in ("R", "P") else int(p[1:])) for p in spec.split(","))
+
+
+def _placement(p):
+    """One axis as ``search.opspace`` writes it (a dim, ``"R"`` or ``"P"``) as a DTensor placement."""
+    return Replicate() if p == "R" else Partial() if p == "P" else Shard(p)
 
 
 def to_placement(x, mesh, spec: str, grad: str | None = None):
@@ -57,7 +59,7 @@ def _reshard(x: DTensor, mesh, want: tuple) -> DTensor:
     other move one DTensor redistribute on one axis."""
     cur = list(x.placements)
     for a, s, d in reshard_steps(_spec(cur), _spec(want), tuple(mesh.shape)):
-        cur[a] = Replicate() if d == "R" else Partial() if d == "P" else Shard(d)
+        cur[a] = _placement(d)
         if isinstance(s, int) and isinstance(d, int):
             local = switch_shard(x.to_local(), mesh.get_group(a), s, d)
             x = DTensor.from_local(local, mesh, cur, run_check=False, shape=x.shape,

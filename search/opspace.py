@@ -306,12 +306,16 @@ class _Builder:
             starts = list(itertools.accumulate([0] + sizes[:-1]))
             self.groups[t] = [(a, a + n - 1) for a, n in zip(starts, sizes)]
 
+    def runs(self, t: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(group, how many of instances lo..hi it holds) for each of template t's groups they meet."""
+        return [(g, min(hi, b) - max(lo, a) + 1) for g, (a, b) in enumerate(self.groups[t]) if a <= hi and lo <= b]
+
     def key(self, name: str) -> str:
         """The ILP variable of a node of the whole graph."""
         if name not in self.instance:
             return name
         t, i = self.instance[name]
-        return f"{self.var_of[name]}@{next(g for g, (a, b) in enumerate(self.groups[t]) if a <= i <= b)}"
+        return f"{self.var_of[name]}@{self.runs(t, i, i)[0][0]}"
 
     def span(self, node: fx.Node) -> tuple[str, int, int] | None:
         """(template, first, last instance) a kept node of a block stands for."""
@@ -325,28 +329,25 @@ class _Builder:
         span = self.span(node)
         if span is None:
             return [(node.name, self.w(node))]
-        t, lo, hi = span
-        return [(f"{self.var(node)}@{g}", min(hi, b) - max(lo, a) + 1)
-                for g, (a, b) in enumerate(self.groups[t]) if a <= hi and lo <= b]
+        return [(f"{self.var(node)}@{g}", c) for g, c in self.runs(*span)]
 
     def links(self, a: fx.Node, n: fx.Node) -> list[tuple[str, str, int]]:
         """(producer variable, reader variable, count) of the edges the kept edge a -> n stands for. In
         one template an edge is inside an instance (same group) or from the previous instance (the
         previous group at a group's first instance)."""
-        sa, sn, into = self.span(a), self.span(n), self.pieces(n)
+        sa, sn = self.span(a), self.span(n)
         if sa is None or sn is None or sa[0] != sn[0]:
             src = max(self.pieces(a), key=lambda p: p[1])[0]   # a one-piece producer (a rare many-piece: its largest)
-            return [(src, v, c) for v, c in into]
+            return [(src, v, c) for v, c in self.pieces(n)]
         t, lo, _ = sn
         out = []
-        for (v, c), g in zip(into, (g for g, (x, y) in enumerate(self.groups[t]) if x <= sn[2] and lo <= y)):
-            same = f"{self.var(a)}@{g}"
-            first = self.groups[t][g][0]
+        for g, c in self.runs(*sn):
+            v, first = f"{self.var(n)}@{g}", self.groups[t][g][0]
             if sa[1] != lo and lo <= first and first > 0:   # the group's first instance reads the group before
                 out.append((f"{self.var(a)}@{g - 1}", v, 1))
                 c -= 1
             if c:
-                out.append((same, v, c))
+                out.append((f"{self.var(a)}@{g}", v, c))
         return out
 
     def scale(self, node: fx.Node) -> float:
