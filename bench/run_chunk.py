@@ -126,9 +126,9 @@ def entries(regions, k: int) -> list[dict]:
     return [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in regions]
 
 
-def planner_choice(regions, need: float, launch_s: float) -> tuple[list[dict], float, float]:
-    """(entries, predicted drop, predicted extra seconds) of the planner's greedy asked to free ``need``
-    bytes, timed with the ``cpu`` profile (its ``kernel_launch_s`` replaced by ``launch_s``, measured now):
+def planner_choice(regions, need: float, launch_s: float) -> tuple[dict, float, float]:
+    """({region or its first instances: chunks}, predicted drop, predicted extra seconds) of the planner's
+    greedy asked to free ``need`` bytes, timed with the ``cpu`` profile (its ``kernel_launch_s`` replaced by ``launch_s``, measured now):
     one device runs the whole captured step, one microbatch."""
     from search.baseline import CHUNKS
     from search.chunking import chunk_seconds, select
@@ -140,8 +140,7 @@ def planner_choice(regions, need: float, launch_s: float) -> tuple[list[dict], f
         return chunk_seconds(r, k, cl, "fp32", r.instances)
 
     chosen, drop = select(regions, need, CHUNKS, seconds)
-    return ([{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()], drop,
-            sum(seconds(r, k) for r, k in chosen.items()))
+    return chosen, drop, sum(seconds(r, k) for r, k in chosen.items())
 
 
 def graph(model, args, chunking: list[dict] | None):
@@ -305,7 +304,8 @@ def run_model(name: str, quick: bool, threads: int, keep: bool, launch_s: float)
     analysis_s = time.perf_counter() - t0
     unchunked_peak = measure_memory(graph(model, args, None), args)["peak_bytes"]
     need = (1 - PLANNER_LIMIT) * unchunked_peak
-    choice, choice_drop, choice_s = planner_choice(regions, need, launch_s)
+    chosen, choice_drop, choice_s = planner_choice(regions, need, launch_s)
+    choice = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()]
     configs = {"unchunked": None, "k=1 ckpt": entries(regions, 1),
                **{f"k={k}": entries(regions, k) for k in KS}, "planner": choice}
     chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS},
@@ -343,7 +343,7 @@ def run_model(name: str, quick: bool, threads: int, keep: bool, launch_s: float)
         m, t = row["memory"], timed[n]
         k = row["chunks"]
         ks = {(e["kind"], e["scope"]): e["chunks"] for e in configs[n] or []}
-        mine = {r: ks[(r.kind, r.scope)] for r in regions if (r.kind, r.scope) in ks}
+        mine = chosen if row["planner"] else {r: ks[(r.kind, r.scope)] for r in regions if (r.kind, r.scope) in ks}
         predicted = chunk_drop(regions, mine)
         measured_drop = base_mem["peak_bytes"] - m["peak_bytes"]
         losses = [m["loss"], *t["losses"]]

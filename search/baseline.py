@@ -295,9 +295,9 @@ def _gib(nbytes: float) -> str:
 def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster, dtype: str,
              limit: float) -> Candidate:
     """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
-    ``search.chunking.select`` chunks region kinds, all instances at once, best bytes freed per second of
-    recompute and kernel launches (the cluster's ``kernel_launch_s``) first, each with the fewest chunks
-    that close the remaining gap; the drop is ``chunking.chunk_drop`` (saved bytes freed, backward
+    ``search.chunking.select`` chunks regions, best bytes freed per second of recompute and kernel launches
+    (the cluster's ``kernel_launch_s``) first, each on the fewest first instances and chunks that close
+    the remaining gap at least cost; the drop is ``chunking.chunk_drop`` (saved bytes freed, backward
     transient cut), floored so that activations stay >= 0 (``search.space`` does not count what ops
     save internally or the backward transient: its activations can be below the drop)."""
     need = c.peak_memory - limit
@@ -323,6 +323,8 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
                   memory={**c.memory, "activations": c.memory["activations"] - freed})
     out.step_time_s = c.step_time_s + extra
     out.feasible = out.peak_memory <= limit and (c.feasible or c.reason.startswith("needs"))
+    if out.feasible and c.solver.get("status") == "infeasible":  # no layout fitted unchunked: the leanest did
+        out.solver = {**c.solver, "status": "leanest-chunked"}
     out.reason = "" if out.feasible else f"needs {_gib(out.peak_memory)} GiB > {_gib(limit)} GiB per device " \
                                           f"even with activation chunking"
     return out

@@ -96,7 +96,7 @@ from __future__ import annotations
 import operator
 import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -141,6 +141,20 @@ class ChunkRegion:
     fwd_mem_bytes: float      # forward bytes moved by its memory-bound ops (recomputed too)
     scalar_loss: bool = False  # ends in one scalar sum/mean: chunked, its gradients are taken in the forward
     param_grad_bytes: float = 0.0  # P: gradients of the parameters it reads (held from forward when scalar_loss)
+    instance_scopes: tuple[str, ...] = ()  # each instance's concrete scope, graph order
+
+    def first(self, n: int) -> "ChunkRegion":
+        """This region on its first ``n`` instances only (itself for all of them): the ones whose backward
+        runs last, when the least is alive. Its scope names them ("layers.{0,1}.mlp")."""
+        if n >= self.instances or len(self.instance_scopes) != self.instances:
+            return self
+        head = self.instance_scopes[:n]
+        return replace(self, scope=_pattern(head, list(self.instance_scopes)), instances=n, instance_scopes=head)
+
+    def holds(self, part: "ChunkRegion") -> bool:
+        """Whether ``part`` is this region on some of its first instances (:meth:`first`)."""
+        return (part.instances < self.instances and part.nodes == self.nodes and part.kind == self.kind
+                and part.template == self.template and part.instance_scopes == self.instance_scopes[:part.instances])
 
 
 def chunk_memory(region: ChunkRegion, k: int | None) -> tuple[float, float]:
@@ -171,17 +185,22 @@ def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], s
     """The step's activation peak, less what is not in a region, with ``chunks``: the largest, over the
     regions, of what is alive when the backward reaches its last instance (every instance's saved bytes,
     less one instance of each region listed after it, whose last instance ran backward already) plus
-    its transient."""
-    kept, peaks = [], []
+    its transient. A region whose first instances are chunked (a key made by :meth:`ChunkRegion.first`)
+    counts as two: those instances, then the rest."""
+    parts = []
     for r in regions:
+        head = next((q for q in chunks if r.holds(q)), None)
+        parts += [(r, r.instances)] if head is None else [(head, head.instances), (r, r.instances - head.instances)]
+    kept, peaks = [], []
+    for r, _ in parts:
         k, kp = scale(r) if scale is not None else (1.0, 1.0)
         saved, transient = chunk_memory(r, chunks.get(r))
         held = r.param_grad_bytes * kp if r.scalar_loss and r in chunks else 0.0  # the gradient buffers
         kept.append(saved * k + held)
         peaks.append(transient * k + held)  # + one chunk's parameter gradients before they are summed
-    alive = sum(r.instances * b for r, b in zip(regions, kept))
+    alive = sum(n * b for (_, n), b in zip(parts, kept))
     worst, later = 0.0, 0.0  # later: one instance of each region after i (its last ran backward)
-    for i in reversed(range(len(regions))):
+    for i in reversed(range(len(parts))):
         worst = max(worst, alive - later + peaks[i])
         later += kept[i]
     return worst
@@ -200,11 +219,13 @@ def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: fl
 
 def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds, scale=None
            ) -> tuple[dict[ChunkRegion, int], float]:
-    """Which regions to chunk, and how many ways, to lower the activation peak by ``need`` bytes:
-    regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of ``seconds(region, k)``,
-    each with the fewest chunks of ``ks`` that close the remaining gap, or else that free the most,
-    until the gap closes; then, costliest first, leaves out each pick the others close the gap without.
-    Returns ({region: chunks}, the predicted drop, :func:`chunk_drop`)."""
+    """Which regions to chunk, on how many of their instances and how many ways, to lower the activation
+    peak by ``need`` bytes: regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of
+    ``seconds(region, k)``; each takes the cheapest (chunks of ``ks``, fewest first instances,
+    :meth:`ChunkRegion.first`) that closes the remaining gap, or else all its instances with the
+    chunks that free the most, until the gap closes; then, costliest first, leaves out each pick the
+    others close the gap without. Returns ({region or its first instances: chunks}, the predicted drop,
+    :func:`chunk_drop`)."""
     unchunked = _backward_peak(regions, {}, scale)
 
     def drop(chosen):  # chunk_drop, with the unchunked peak computed once
@@ -213,6 +234,13 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
     def ways(r):
         return [k for k in ks if k <= r.size] or [1]
 
+    def fewest(r, k):  # the fewest first instances of r that close the gap k ways (the drop grows with them)
+        lo, hi = 1, r.instances
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if drop({**chosen, r.first(mid): k}) >= need else (mid + 1, hi)
+        return r.first(lo)
+
     ranked = sorted(regions, key=lambda r: (-drop({r: ways(r)[0]}) / max(seconds(r, ways(r)[0]), 1e-12), r.scope))
     chosen: dict[ChunkRegion, int] = {}
     got = 0.0
@@ -220,11 +248,13 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
         if got >= need:
             break
         tried = [(drop({**chosen, r: k}), k) for k in ways(r)]
-        k = next((k for d, k in tried if d >= need), None)
-        if k is None:
-            k = max(tried, key=lambda t: (t[0], -t[1]))[1]
-        if drop({**chosen, r: k}) > got:
-            chosen[r] = k
+        closing = [(seconds(p, k), k, p) for d, k in tried if d >= need for p in [fewest(r, k)]]
+        if closing:
+            _, k, part = min(closing, key=lambda t: t[:2])
+        else:
+            part, k = r, max(tried, key=lambda t: (t[0], -t[1]))[1]
+        if drop({**chosen, part: k}) > got:
+            chosen[part] = k
             got = drop(chosen)
     for r in sorted(chosen, key=lambda r: (-seconds(r, chosen[r]), r.scope)):  # a later pick may do without it
         rest = {q: k for q, k in chosen.items() if q is not r}
@@ -256,9 +286,9 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
         if r.template is not None:
             block_scopes.setdefault(len(r.scope.split(".")), []).append(r.scope)
 
-    def add(kind, scope, pattern, template, instances, names, dim, flow):
+    def add(kind, pattern, template, scopes, names, dim, flow):
         taken.update(by_name[n] for n in names)
-        region = _priced(kind, pattern, template, instances, names, dim, flow, grad, number)
+        region = _priced(kind, pattern, template, scopes, names, dim, flow, grad, number)
         out.append((order[by_name[names[0]]], region))
 
     for r in folding.regions:
@@ -273,12 +303,13 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
             for scope in _scopes(kind, nodes, r.scope):
                 found = _verified(gm, kind, scope, taken)
                 if found is not None:
-                    add(kind, scope, prefix + scope[len(r.scope):], r.template, len(instances), *found)
+                    suffix = scope[len(r.scope):]
+                    add(kind, prefix + suffix, r.template, tuple(i + suffix for i in instances), *found)
     outside = [by_name[n] for r in folding.regions if r.template is None for n in r.nodes]
     for scope in _scopes("lm_head_loss", outside, None):
         found = _verified(gm, "lm_head_loss", scope, taken)
         if found is not None:
-            add("lm_head_loss", scope, scope, None, 1, *found)
+            add("lm_head_loss", scope, None, (scope,), *found)
     return [region for _, region in sorted(out, key=lambda x: x[0])]
 
 
@@ -491,7 +522,7 @@ def _accepted(kind: str, flow: ChunkFlow) -> bool:
 
 # --------------------------------------------------------------------------------------- pricing
 
-def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, grad, number) -> ChunkRegion:
+def _priced(kind, pattern, template, scopes, names, dim, flow: ChunkFlow, grad, number) -> ChunkRegion:
     """The region's numbers: memory probed (:func:`_probe`), FLOPs and bytes moved counted over the nodes
     the loop runs (the body) like ``search.space``. ``number``: ``float``, or for a symbolic capture the
     conversion of a size to a sympy expression (then ``transient_bytes`` is the probe's timeline)."""
@@ -507,8 +538,8 @@ def _priced(kind, pattern, template, instances, names, dim, flow: ChunkFlow, gra
     else:  # symbolic: evaluated at a point by search.specialize
         size, transient = number(flow.size), timeline
     params = sum(_bytes(_val(n)) for n in flow.inputs if n.op == "get_attr" and grad[n])
-    return ChunkRegion(kind, pattern, template, instances, tuple(names), dim, size, saved, transient, grad_in, flops,
-                       moved, flow.scalar_loss, float(params))
+    return ChunkRegion(kind, pattern, template, len(scopes), tuple(names), dim, size, saved, transient, grad_in, flops,
+                       moved, flow.scalar_loss, float(params), scopes)
 
 
 def peak_above(timeline) -> float:

@@ -211,3 +211,35 @@ def test_select_closes_the_gap_cheapest_first():
     chosen, drop = select(regions, more, (2, 4, 8), seconds)
     assert head in chosen and len(chosen) >= 2 and drop >= more
     assert select(regions, 0.0, (2,), seconds) == ({}, 0.0)
+
+
+def test_select_chunks_the_fewest_first_instances():
+    """When chunking some blocks' MLPs closes the gap, select chunks only the first ones (their backward
+    runs last, when the least is alive): the entry's scope names them, the pass chunks exactly those, the
+    measured activation peak falls as chunk_drop predicts, and the loss and gradients are unchanged."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(layers=4, heads=2, hidden=32, vocab=256, seq=256, ffn=1024)
+    ids = torch.randint(0, cfg.vocab, (2, cfg.seq))
+    model, args = GPT(cfg), (ids, ids)
+    mg = capture(copy.deepcopy(model), args)
+    regions = chunk_regions(mg)
+    mlp = next(r for r in regions if r.kind == "mlp")
+    part = mlp.first(2)
+    assert (part.scope, part.instances, mlp.first(4)) == ("blocks.{0,1}.mlp", 2, mlp)
+    need = chunk_drop(regions, {part: 2})
+    assert chunk_drop(regions, {mlp.first(1): 2}) < need < chunk_drop(regions, {mlp: 2})
+
+    def seconds(r, k):  # the MLPs are the cheap regions, per instance chunked
+        return (1.0 if r.kind == "mlp" else 1000.0) * r.instances * (1 + k)
+
+    chosen, drop = select(regions, need, (2, 4), seconds)
+    assert chosen == {part: 2} and drop == need
+    gm = apply_chunking(capture(copy.deepcopy(model), args).gm,
+                        [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()])
+    assert sum(isinstance(m, ChunkedRegion) for m in gm.modules()) == 2
+    ref_loss, ref_grads = _step(mg.gm, args)
+    loss, grads = _step(gm, args)
+    assert (loss - ref_loss).abs().item() <= TOL
+    assert max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads) <= TOL
+    fell = step_peak(mg.gm, *args) - step_peak(gm, *args)
+    assert fell > 0 and abs(drop - fell) <= 0.25 * fell, (drop, fell)

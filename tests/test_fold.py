@@ -310,8 +310,8 @@ def test_different_shapes_give_different_hashes():
 @pytest.mark.parametrize("mib", [6, 5, 4])
 def test_no_fold_search_chunks_the_same_regions(mib):
     """--no-fold is the oracle of the folded search, so its space is the same: activation chunking
-    chunks a region kind in every instance of a block at once under both (no_fold keeps the folding it
-    unrolls for that), and both pick the same plan when memory binds."""
+    chunks a template's region in its first instances (all, or as few as close the gap) under both
+    (no_fold keeps the folding it unrolls for that), and both pick the same plan when memory binds."""
     from search.baseline import enumerate_candidates
     from search.cluster import get_cluster
     from search.strategy import ilp_select
@@ -320,7 +320,7 @@ def test_no_fold_search_chunks_the_same_regions(mib):
     wins = [enumerate_candidates(mg, get_cluster("a100-80g", 2), global_batch=2, dtype="bf16", select=ilp_select,
                                  folding=f, memory_limit=mib * 2**20, fix={"recompute": "none", "sp": 1})[0]
             for f in (fold(mg), no_fold(mg))]
-    assert wins[0].chunking and wins[0].chunking[0]["scope"] == "blocks.*.mlp"
+    assert wins[0].chunking and wins[0].chunking[0]["scope"] in ("blocks.*.mlp", "blocks.0.mlp")
     assert [(w.key(), w.chunking, w.step_time_s) for w in wins][0] == [(w.key(), w.chunking, w.step_time_s) for w in wins][1]
 
 
