@@ -134,3 +134,18 @@ def test_binary_parts_cover_every_count_once(k):
     parts = binary_parts(k)
     sums = {sum(c) for r in range(len(parts) + 1) for c in itertools.combinations(parts, r)}
     assert sums == set(range(k + 1)) and len(parts) <= k.bit_length()
+
+
+def test_a_layout_that_fits_only_chunked_says_so():
+    """No tensor-parallel layout fits unchunked (the ILP is infeasible), so the leanest is taken; when
+    activation chunking then makes it fit, the plan's solver status says "leanest-chunked", not
+    "infeasible"; a limit it misses even chunked stays "infeasible"."""
+    from examples.zoo import build
+
+    mg = capture(*build("gpt-tiny", batch=2, seq=1024), name="gpt-tiny")
+    fix = {"recompute": "none", "sp": 1, "tp": 2, "microbatches": 1}
+    fits, misses = (enumerate_candidates(mg, get_cluster("a100-80g", 2), global_batch=2, dtype="bf16",
+                                         select=ilp_select, folding=fold(mg), memory_limit=mib * 2**20, fix=fix)[0]
+                    for mib in (8, 3))
+    assert fits.feasible and fits.chunking and fits.solver["status"] == "leanest-chunked"
+    assert not misses.feasible and misses.solver["status"] == "infeasible"
