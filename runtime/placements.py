@@ -37,17 +37,19 @@ def _placement(p):
 
 def to_placement(x, mesh, spec: str, grad: str | None = None):
     """``x`` as a DTensor placed as ``spec`` (a plain tensor is every rank's same whole value: its
-    shards are local slices); the redistribute is autograd-aware (its backward reshards gradients).
-    ``grad``: where the gradient must be when it leaves here in backward (the plan's pricing: where the
-    producer's backward needs it, or the hub's summing placement), whatever the reader's backward made."""
+    shards are local slices). ``grad``: where the gradient must be when it leaves here in backward (the
+    plan's pricing: where the producer's backward needs it, or the hub's summing placement), whatever
+    the reader's backward made; default: where ``x`` is (partial read as replicated). Both directions
+    take the moves the plan priced (:class:`_Place`)."""
     if not isinstance(x, torch.Tensor):
         return x
     want = parse(spec)
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    if grad is not None and x.requires_grad:
-        x = _GradTo.apply(x, parse(grad))
-    if tuple(x.placements) != want:
+    if x.requires_grad:
+        back = parse(grad) if grad is not None else tuple(Replicate() if p.is_partial() else p for p in x.placements)
+        x = _Place.apply(x, want, back)
+    elif tuple(x.placements) != want:
         x = _reshard(x, mesh, want)
     return _Contiguous.apply(x)
 
@@ -74,22 +76,24 @@ def _spec(placements) -> tuple:
     return tuple(p.dim if p.is_shard() else "P" if p.is_partial() else "R" for p in placements)
 
 
-class _GradTo(torch.autograd.Function):
-    """Identity forward; backward places the gradient as planned. A partial target on an axis where the
+class _Place(torch.autograd.Function):
+    """``x`` resharded to ``want`` (:func:`_reshard`); backward places the gradient as ``back`` with
+    :func:`_reshard` too, in one go, as the plan prices an edge's backward. DTensor's own backward of a
+    redistribute would move the gradient back in its own order (e.g. gather a shard, then all-reduce the
+    whole tensor, where the plan reduces the shard first). A partial target on an axis where the
     gradient is not partial keeps it as it is there (nothing to sum)."""
 
     @staticmethod
-    def forward(ctx, x, placements):
-        ctx.placements = placements
-        return x.view_as(x)
+    def forward(ctx, x, want, back):
+        ctx.back = back
+        return x.view_as(x) if tuple(x.placements) == want else _reshard(x, x.device_mesh, want)
 
     @staticmethod
     def backward(ctx, g):
         if not isinstance(g, DTensor):
-            return g, None
-        want = tuple(cur if w.is_partial() and not cur.is_partial() else w
-                     for cur, w in zip(g.placements, ctx.placements))
-        return (g if tuple(g.placements) == want else _reshard(g, g.device_mesh, want)), None
+            return g, None, None
+        want = tuple(cur if w.is_partial() and not cur.is_partial() else w for cur, w in zip(g.placements, ctx.back))
+        return (g if tuple(g.placements) == want else _reshard(g, g.device_mesh, want)), None, None
 
 
 def _contiguous(x):
