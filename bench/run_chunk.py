@@ -123,13 +123,13 @@ def describe(name: str, model) -> str:
 
 
 def entries(regions, k: int) -> list[dict]:
-    return [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in regions]
+    return [r.entry(k) for r in regions]
 
 
 def planner_choice(regions, need: float, launch_s: float) -> tuple[dict, float, float]:
     """({region or its first instances: chunks}, predicted drop, predicted extra seconds) of the planner's
-    greedy asked to free ``need`` bytes, timed with the ``cpu`` profile (its ``kernel_launch_s`` replaced by ``launch_s``, measured now):
-    one device runs the whole captured step, one microbatch."""
+    greedy asked to free ``need`` bytes, timed with the ``cpu`` profile (its ``kernel_launch_s`` replaced
+    by ``launch_s``, measured now): one device runs the whole captured step, one microbatch."""
     from search.baseline import CHUNKS
     from search.chunking import chunk_seconds, select
     from planner.api import load_cluster
@@ -305,7 +305,7 @@ def run_model(name: str, quick: bool, threads: int, keep: bool, launch_s: float)
     unchunked_peak = measure_memory(graph(model, args, None), args)["peak_bytes"]
     need = (1 - PLANNER_LIMIT) * unchunked_peak
     chosen, choice_drop, choice_s = planner_choice(regions, need, launch_s)
-    choice = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()]
+    choice = [r.entry(k) for r, k in chosen.items()]
     configs = {"unchunked": None, "k=1 ckpt": entries(regions, 1),
                **{f"k={k}": entries(regions, k) for k in KS}, "planner": choice}
     chunks = {"unchunked": 0, "k=1 ckpt": 1, **{f"k={k}": k for k in KS},

@@ -46,12 +46,8 @@ def to_placement(x, mesh, spec: str, grad: str | None = None):
     want = parse(spec)
     if not isinstance(x, DTensor):
         x = DTensor.from_local(x, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    if x.requires_grad:
-        back = parse(grad) if grad is not None else tuple(Replicate() if p.is_partial() else p for p in x.placements)
-        x = _Place.apply(x, want, back)
-    elif tuple(x.placements) != want:
-        x = _reshard(x, mesh, want)
-    return _Contiguous.apply(x)
+    back = parse(grad) if grad is not None else tuple(Replicate() if p.is_partial() else p for p in x.placements)
+    return _Contiguous.apply(_Place.apply(x, want, back))
 
 
 def _reshard(x: DTensor, mesh, want: tuple) -> DTensor:
@@ -92,7 +88,8 @@ class _Place(torch.autograd.Function):
     def backward(ctx, g):
         if not isinstance(g, DTensor):
             return g, None, None
-        want = tuple(cur if w.is_partial() and not cur.is_partial() else w for cur, w in zip(g.placements, ctx.back))
+        want = tuple(cur if w.is_partial() and not cur.is_partial() else w
+                     for cur, w in zip(g.placements, ctx.back))
         return (g if tuple(g.placements) == want else _reshard(g, g.device_mesh, want)), None, None
 
 

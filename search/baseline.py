@@ -316,7 +316,7 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
     chosen, freed = chunking.select(usable, need, CHUNKS, seconds, lambda r: (per_sample / div(r), dtype_scale / div(r)))
     if not chosen:
         return c
-    plan = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()]
+    plan = [r.entry(k) for r, k in chosen.items()]
     extra = sum(seconds(r, k) for r, k in chosen.items())
     freed = min(freed, c.memory["activations"])
     out = replace(c, chunking=plan, chunk_freed=freed, breakdown={**c.breakdown, "chunk_recompute": extra},

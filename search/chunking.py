@@ -151,6 +151,10 @@ class ChunkRegion:
         head = self.instance_scopes[:n]
         return replace(self, scope=_pattern(head, list(self.instance_scopes)), instances=n, instance_scopes=head)
 
+    def entry(self, chunks: int) -> dict:
+        """This region chunked ``chunks`` ways as a plan's ``chunking`` entry (what ``passes.chunk`` applies)."""
+        return {"kind": self.kind, "scope": self.scope, "dim": self.dim, "chunks": chunks}
+
     def holds(self, part: "ChunkRegion") -> bool:
         """Whether ``part`` is this region on some of its first instances (:meth:`first`)."""
         return (part.instances < self.instances and part.nodes == self.nodes and part.kind == self.kind

@@ -220,7 +220,7 @@ def _tp_rank(rank: int, world: int) -> dict:
     model, args, _ = build("gpt-tiny", batch=2, device="cpu", seed=0)
     planned = capture(copy.deepcopy(model), args)
     ref_loss, ref_grads = _step(planned.gm, args)
-    entries = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": 3 + i} for i, r in
+    entries = [r.entry(3 + i) for i, r in
                enumerate(chunk_regions(planned))]
     gm = capture(model, args).gm
     styles = choose_styles(gm, world)

@@ -118,7 +118,7 @@ def test_apply_chunking_matches_unchunked(name):
         if n.op == "call_function":
             n._rename("rank_" + n.name)
     gm.recompile()
-    entries = [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": 5} for r in regions]
+    entries = [r.entry(5) for r in regions]
     apply_chunking(gm, entries)
     assert sum(isinstance(m, ChunkedRegion) for m in gm.modules()) == sum(r.instances for r in regions)
     loss, grads = _step(gm, args)
@@ -135,7 +135,7 @@ def test_templates_that_share_a_path_get_alternatives():
             ("mlp", "blocks.{0,2}", "t0"), ("mlp", "blocks.{1,3}", "t1")} <= scopes
     ref_loss, _ = _step(mg.gm, args)
     gm = apply_chunking(capture(copy.deepcopy(model), args).gm,
-                        [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": 3} for r in regions])
+                        [r.entry(3) for r in regions])
     assert (gm(*args) - ref_loss).abs().item() <= TOL
 
 
@@ -188,7 +188,7 @@ def test_predicted_drop_matches_measured_peak(make, kinds, k):
     chosen = {r: k for r in regions if kinds is None or r.kind in kinds}
     base = step_peak(mg.gm, *args)
     gm = apply_chunking(capture(copy.deepcopy(model), args).gm,
-                        [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r in chosen])
+                        [r.entry(k) for r in chosen])
     fell = base - step_peak(gm, *args)
     predicted = chunk_drop(regions, chosen)
     assert fell > 0.1 * base, (kinds, k, fell, base)
@@ -235,7 +235,7 @@ def test_select_chunks_the_fewest_first_instances():
     chosen, drop = select(regions, need, (2, 4), seconds)
     assert chosen == {part: 2} and drop == need
     gm = apply_chunking(capture(copy.deepcopy(model), args).gm,
-                        [{"kind": r.kind, "scope": r.scope, "dim": r.dim, "chunks": k} for r, k in chosen.items()])
+                        [r.entry(k) for r, k in chosen.items()])
     assert sum(isinstance(m, ChunkedRegion) for m in gm.modules()) == 2
     ref_loss, ref_grads = _step(mg.gm, args)
     loss, grads = _step(gm, args)
