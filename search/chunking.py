@@ -96,6 +96,7 @@ from __future__ import annotations
 import operator
 import re
 import weakref
+from functools import lru_cache
 from dataclasses import dataclass, replace
 
 import torch
@@ -148,8 +149,7 @@ class ChunkRegion:
         runs last, when the least is alive. Its scope names them ("layers.{0,1}.mlp")."""
         if n >= self.instances or len(self.instance_scopes) != self.instances:
             return self
-        head = self.instance_scopes[:n]
-        return replace(self, scope=_pattern(head, list(self.instance_scopes)), instances=n, instance_scopes=head)
+        return _first(self, n)
 
     def entry(self, chunks: int) -> dict:
         """This region chunked ``chunks`` ways as a plan's ``chunking`` entry (what ``passes.chunk`` applies)."""
@@ -159,6 +159,14 @@ class ChunkRegion:
         """Whether ``part`` is this region on some of its first instances (:meth:`first`)."""
         return (part.instances < self.instances and part.nodes == self.nodes and part.kind == self.kind
                 and part.template == self.template and part.instance_scopes == self.instance_scopes[:part.instances])
+
+
+@lru_cache(maxsize=4096)
+def _first(region: ChunkRegion, n: int) -> ChunkRegion:
+    """:meth:`ChunkRegion.first` (cached: the search asks for the same few instance counts of a region
+    many times, and naming them is a pattern match over every instance's scope)."""
+    head = region.instance_scopes[:n]
+    return replace(region, scope=_pattern(head, list(region.instance_scopes)), instances=n, instance_scopes=head)
 
 
 def chunk_memory(region: ChunkRegion, k: int | None) -> tuple[float, float]:
@@ -191,23 +199,40 @@ def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], s
     less one instance of each region listed after it, whose last instance ran backward already) plus
     its transient. A region whose first instances are chunked (a key made by :meth:`ChunkRegion.first`)
     counts as two: those instances, then the rest."""
-    parts = []
-    for r in regions:
-        head = next((q for q in chunks if r.holds(q)), None)
-        parts += [(r, r.instances)] if head is None else [(head, head.instances), (r, r.instances - head.instances)]
-    kept, peaks = [], []
-    for r, _ in parts:
-        k, kp = scale(r) if scale is not None else (1.0, 1.0)
-        saved, transient = chunk_memory(r, chunks.get(r))
-        held = r.param_grad_bytes * kp if r.scalar_loss and r in chunks else 0.0  # the gradient buffers
-        kept.append(saved * k + held)
-        peaks.append(transient * k + held)  # + one chunk's parameter gradients before they are summed
-    alive = sum(n * b for (_, n), b in zip(parts, kept))
-    worst, later = 0.0, 0.0  # later: one instance of each region after i (its last ran backward)
-    for i in reversed(range(len(parts))):
-        worst = max(worst, alive - later + peaks[i])
-        later += kept[i]
-    return worst
+    return _Peak(regions, scale)(chunks)
+
+
+class _Peak:
+    """:func:`_backward_peak` of one region list and scale as a function of ``chunks``, each part's
+    (kept, transient) bytes per instance computed once (:func:`select` evaluates it many times)."""
+
+    def __init__(self, regions: list[ChunkRegion], scale):
+        self.regions, self.scale, self.bytes = regions, scale, {}
+
+    def part(self, r: ChunkRegion, k: int | None) -> tuple[float, float]:
+        key = (id(r), k)  # r is kept in the value, so its id stays its own
+        if key not in self.bytes:
+            ka, kp = self.scale(r) if self.scale is not None else (1.0, 1.0)
+            saved, transient = chunk_memory(r, k)
+            held = r.param_grad_bytes * kp if r.scalar_loss and k is not None else 0.0  # the gradient buffers
+            self.bytes[key] = (r, saved * ka + held, transient * ka + held)  # + one chunk's parameter gradients
+        return self.bytes[key][1:]
+
+    def __call__(self, chunks: dict[ChunkRegion, int]) -> float:
+        parts = []  # (instances, kept, peak)
+        for r in self.regions:
+            head = next((q for q in chunks if r.holds(q)), None)
+            if head is None:
+                parts.append((r.instances, *self.part(r, chunks.get(r))))
+            else:
+                parts += [(head.instances, *self.part(head, chunks[head])),
+                          (r.instances - head.instances, *self.part(r, chunks.get(r)))]
+        alive = sum(n * kept for n, kept, _ in parts)
+        worst, later = 0.0, 0.0  # later: one instance of each region after i (its last ran backward)
+        for _, kept, peak in reversed(parts):
+            worst = max(worst, alive - later + peak)
+            later += kept
+        return worst
 
 
 def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: float, launches: int = 1) -> float:
@@ -230,10 +255,11 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
     chunks that free the most, until the gap closes; then, costliest first, leaves out each pick the
     others close the gap without. Returns ({region or its first instances: chunks}, the predicted drop,
     :func:`chunk_drop`)."""
-    unchunked = _backward_peak(regions, {}, scale)
+    peak = _Peak(regions, scale)
+    unchunked = peak({})
 
     def drop(chosen):  # chunk_drop, with the unchunked peak computed once
-        return unchunked - _backward_peak(regions, chosen, scale)
+        return unchunked - peak(chosen)
 
     def ways(r):
         return [k for k in ks if k <= r.size] or [1]
