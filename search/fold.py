@@ -241,12 +241,18 @@ def excerpt(gm: fx.GraphModule, folding: Folding) -> Excerpt:
     return cached[1]
 
 
+def excerpt_instances(k: int) -> tuple[int, ...]:
+    """Which of a template's ``k`` instances an :class:`Excerpt` keeps: the first, second and last (the
+    second standing for those between), or all of them when there are fewer than four."""
+    return tuple(range(k)) if k < 4 else (0, 1, k - 1)
+
+
 def _excerpt(gm: fx.GraphModule, folding: Folding) -> Excerpt:
     stand: dict[str, str] = {}     # dropped node -> the second instance's node at its position
     weight: dict[str, int] = {}
     for t in folding.templates:
         k = len(t.instances)
-        if k < 4:
+        if len(excerpt_instances(k)) == k:
             continue
         for names in folding.correspondence(t.id).values():
             weight[names[1]] = k - 2

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property, lru_cache, partial
 from typing import Callable
 
-from search.fold import Folding, excerpt, fold, no_fold
+from search.fold import Folding, excerpt, excerpt_instances, fold, no_fold
 from search.graph import ModelGraph
 from search.placement import Cone, Unsupported, bias_of, megatron_cones, module_of, op_name, propagate, weight_of
 from search.recompute import attention_cores
@@ -309,7 +309,8 @@ def megatron_sp(mg: ModelGraph, space: "Space") -> MegatronSP | None:
     if space.tp == 1:
         return None
     ex = excerpt(mg.gm, space.folding)
-    styles = space.layout(space.all_sharded()).styles
+    styles = {m: s for c in space.choices for j in excerpt_instances(c.instances)  # the excerpt's linears
+              for m, s in c.cone(j).styles}
     try:
         layout = propagate(ex.gm, styles, space.tp, sequence=True)
     except Unsupported:
