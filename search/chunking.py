@@ -331,13 +331,13 @@ def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkR
         nodes = [by_name[n] for n in r.nodes]
         for kind in KINDS[:3]:
             for scope in _scopes(kind, nodes, r.scope):
-                found = _verified(gm, kind, scope, taken)
+                found = _verified(gm, kind, scope, taken, nodes, by_name)
                 if found is not None:
                     suffix = scope[len(r.scope):]
                     add(kind, prefix + suffix, r.template, tuple(i + suffix for i in instances), *found)
     outside = [by_name[n] for r in folding.regions if r.template is None for n in r.nodes]
     for scope in _scopes("lm_head_loss", outside, None):
-        found = _verified(gm, "lm_head_loss", scope, taken)
+        found = _verified(gm, "lm_head_loss", scope, taken, outside, by_name)
         if found is not None:
             add("lm_head_loss", scope, None, (scope,), *found)
     return [region for _, region in sorted(out, key=lambda x: x[0])]
@@ -411,11 +411,12 @@ def _scopes(kind: str, nodes: list[fx.Node], block: str | None) -> list[str]:
     return list(seen)
 
 
-def _verified(gm, kind, scope, taken) -> tuple[list[str], int, ChunkFlow] | None:
-    """The first candidate region of ``kind`` in ``scope`` (disjoint from ``taken``) that chunks along a
-    sequence-like dim: (names, dim, flow), or None."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for names in _candidates(gm, kind, scope):
+def _verified(gm, kind, scope, taken, pool: list[fx.Node], nodes: dict[str, fx.Node]
+              ) -> tuple[list[str], int, ChunkFlow] | None:
+    """The first candidate region of ``kind`` in ``scope`` among ``pool`` (the folding region that holds
+    it; disjoint from ``taken``) that chunks along a sequence-like dim: (names, dim, flow), or None.
+    ``nodes``: the graph's nodes by name."""
+    for names in _candidates(gm, kind, scope, pool):
         if any(nodes[x] in taken for x in names):
             continue
         got = _chunk_dim(gm, kind, names)
@@ -424,9 +425,11 @@ def _verified(gm, kind, scope, taken) -> tuple[list[str], int, ChunkFlow] | None
     return None
 
 
-def _candidates(gm: fx.GraphModule, kind: str, scope: str) -> list[list[str]]:
-    """Candidate regions (node names) of ``kind`` in the module ``scope``, best first."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and _under(_scope(n), scope)]
+def _candidates(gm: fx.GraphModule, kind: str, scope: str, pool=None) -> list[list[str]]:
+    """Candidate regions (node names) of ``kind`` in the module ``scope``, best first, among ``pool``
+    (default: every node of ``gm``)."""
+    pool = gm.graph.nodes if pool is None else pool
+    nodes = [n for n in pool if n.op == "call_function" and _under(_scope(n), scope)]
     if not nodes:
         return []
     if kind == "pair":
