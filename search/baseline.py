@@ -110,6 +110,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
     annotate_saved(mg.gm, folding=folding)  # the saved-activation census, executing one instance per template
     # probed only if some candidate's memory binds; grouped by the blocks also under --no-fold
     regions = cache(partial(chunk_regions, mg, folding.unrolled or folding))
+    peaks: dict = {}  # the chunk selections' peak timelines, per scale (chunking.select)
     spaces: dict[int, Space] = {}
 
     def mesh(pp: int, tp: int, sp: int, sweep) -> list[Candidate]:
@@ -143,7 +144,7 @@ def enumerate_candidates(mg: ModelGraph, cluster: Cluster, *, global_batch: int,
         if sp > 1 and why:
             return [Candidate(dp, tp, 0, 0, 0, "none", **bad, reason=why)]
         return _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                           select, regions, sweep)
+                           select, regions, peaks, sweep)
 
     out: list[Candidate] = []
     for pp in pps:  # fewest stages first: more only while nothing fits (unless pp is pinned)
@@ -225,7 +226,7 @@ def _sp_choices(sp: int, attention, seq_len: int, variant: str | None) -> tuple[
 
 
 def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, global_batch, limit,
-                select, regions, bounds) -> list[Candidate]:
+                select, regions, peaks, bounds) -> list[Candidate]:
     """Every (zero, microbatch size, recompute[, schedule]) of one mesh (``sequence``: see ``_price``;
     ``regions()``: the chunkable regions, used when memory binds) that ``bounds`` does not skip."""
     local = global_batch // dp
@@ -254,7 +255,7 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
-                    priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit)]
+                    priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit, peaks)]
                 else:
                     key = ("regions", micro, recompute)
                     if key not in cache:
@@ -293,7 +294,7 @@ def _gib(nbytes: float) -> str:
 
 
 def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster, dtype: str,
-             limit: float) -> Candidate:
+             limit: float, peaks: dict) -> Candidate:
     """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
     ``search.chunking.select`` chunks regions, best bytes freed per second of recompute and kernel launches
     (the cluster's ``kernel_launch_s``) first, each on the fewest first instances and chunks that close
@@ -306,14 +307,12 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
     per_sample, share, dtype_scale = c.chunk_scales
     # the sequence-parallel kernel replaces the attention; block regions run tp-sharded (approx.)
     usable = [r for r in regions() if not (r.kind == "attention" and c.sp_degree > 1)]
-
-    def div(r):
-        return c.tp if r.template is not None and c.tp > 1 else 1
+    scale = chunking.Scale(per_sample, dtype_scale, c.tp)
 
     def seconds(r, k):
-        return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / div(r), c.microbatches)
+        return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / scale.div(r), c.microbatches)
 
-    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, lambda r: (per_sample / div(r), dtype_scale / div(r)))
+    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, scale, peaks)
     if not chosen:
         return c
     plan = [r.entry(k) for r, k in chosen.items()]

@@ -98,6 +98,7 @@ import re
 import weakref
 from functools import lru_cache
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -113,7 +114,7 @@ from search.fold import Folding, fold
 from search.graph import ModelGraph, expression
 from search.space import node_work
 
-__all__ = ["ChunkRegion", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
+__all__ = ["ChunkRegion", "Scale", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
            "matching_scopes", "KINDS"]
 
 KINDS = ("mlp", "pair", "attention", "lm_head_loss")  # priority order: a node belongs to one region at most
@@ -185,40 +186,69 @@ def chunk_memory(region: ChunkRegion, k: int | None) -> tuple[float, float]:
     return 0.0, one_chunk + (3 if k > 1 else 1) * grad_in
 
 
-def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale=None) -> float:
+class Scale(NamedTuple):
+    """Bytes on one rank per byte of the captured graph: activations × ``activations``, parameter
+    gradients × ``params``, both divided by ``tp`` inside blocks (whose regions run tp-sharded)."""
+
+    activations: float = 1.0
+    params: float = 1.0
+    tp: int = 1
+
+    def div(self, r: ChunkRegion) -> int:
+        return self.tp if r.template is not None and self.tp > 1 else 1
+
+    def __call__(self, r: ChunkRegion) -> tuple[float, float]:
+        d = self.div(r)
+        return self.activations / d, self.params / d
+
+
+def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale: Scale = Scale()) -> float:
     """How much the step's activation peak falls when each region in ``chunks`` is chunked that many
     ways (every instance) and the other ``regions`` (graph order, as :func:`chunk_regions` lists them)
-    are not: :func:`_backward_peak` unchunked minus chunked. ``scale(region)``: (bytes per activation
-    byte, bytes per parameter byte) of the captured graph (default (1, 1))."""
-    return _backward_peak(regions, {}, scale) - _backward_peak(regions, chunks, scale)
+    are not: the peak (:meth:`_Peak.__call__`) unchunked minus chunked, on one rank as ``scale`` says."""
+    return _peak(tuple(regions), scale).drop(chunks)
 
 
-def _backward_peak(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale) -> float:
-    """The step's activation peak, less what is not in a region, with ``chunks``: the largest, over the
-    regions, of what is alive when the backward reaches its last instance (every instance's saved bytes,
-    less one instance of each region listed after it, whose last instance ran backward already) plus
-    its transient. A region whose first instances are chunked (a key made by :meth:`ChunkRegion.first`)
-    counts as two: those instances, then the rest."""
-    return _Peak(regions, scale)(chunks)
+def _peak(regions: tuple[ChunkRegion, ...], scale: Scale, peaks: dict | None = None) -> "_Peak":
+    """The :class:`_Peak` of ``regions`` at ``scale``, kept in ``peaks`` (one search's: it prices many
+    configurations at one scale, ZeRO stages say, whose chunk selections evaluate the same choices)."""
+    if peaks is None:
+        return _Peak(regions, scale)
+    if (regions, scale) not in peaks:
+        peaks[regions, scale] = _Peak(regions, scale)
+    return peaks[regions, scale]
 
 
 class _Peak:
-    """:func:`_backward_peak` of one region list and scale as a function of ``chunks``, each part's
-    (kept, transient) bytes per instance computed once (:func:`select` evaluates it many times)."""
+    """The step's activation peak for one region list and scale as a function of ``chunks``, each part's
+    (kept, transient) bytes per instance and each choice's drop computed once."""
 
-    def __init__(self, regions: list[ChunkRegion], scale):
-        self.regions, self.scale, self.bytes = regions, scale, {}
+    def __init__(self, regions: tuple[ChunkRegion, ...], scale: Scale):
+        self.regions, self.scale, self.bytes, self.drops = regions, scale, {}, {}
+        self.unchunked = self({})
 
     def part(self, r: ChunkRegion, k: int | None) -> tuple[float, float]:
         key = (id(r), k)  # r is kept in the value, so its id stays its own
         if key not in self.bytes:
-            ka, kp = self.scale(r) if self.scale is not None else (1.0, 1.0)
+            ka, kp = self.scale(r)
             saved, transient = chunk_memory(r, k)
             held = r.param_grad_bytes * kp if r.scalar_loss and k is not None else 0.0  # the gradient buffers
             self.bytes[key] = (r, saved * ka + held, transient * ka + held)  # + one chunk's parameter gradients
         return self.bytes[key][1:]
 
+    def drop(self, chunks: dict[ChunkRegion, int]) -> float:
+        """How much ``chunks`` lower the peak (:func:`chunk_drop`)."""
+        key = frozenset(chunks.items())
+        if key not in self.drops:
+            self.drops[key] = self.unchunked - self(chunks)
+        return self.drops[key]
+
     def __call__(self, chunks: dict[ChunkRegion, int]) -> float:
+        """The peak, less what is not in a region, with ``chunks``: the largest, over the regions, of what
+        is alive when the backward reaches its last instance (every instance's saved bytes, less one
+        instance of each region listed after it, whose last instance ran backward already) plus its
+        transient. A region whose first instances are chunked (a key made by :meth:`ChunkRegion.first`)
+        counts as two: those instances, then the rest."""
         parts = []  # (instances, kept, peak)
         for r in self.regions:
             head = next((q for q in chunks if r.holds(q)), None)
@@ -246,20 +276,17 @@ def chunk_seconds(region: ChunkRegion, k: int, cl: Cluster, dtype: str, work: fl
     return recompute + 3 * k * region.instances * len(region.nodes) * cl.kernel_launch_s * launches
 
 
-def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds, scale=None
-           ) -> tuple[dict[ChunkRegion, int], float]:
+def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds, scale: Scale = Scale(),
+           peaks: dict | None = None) -> tuple[dict[ChunkRegion, int], float]:
     """Which regions to chunk, on how many of their instances and how many ways, to lower the activation
     peak by ``need`` bytes: regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of
     ``seconds(region, k)``; each takes the cheapest (chunks of ``ks``, fewest first instances,
     :meth:`ChunkRegion.first`) that closes the remaining gap, or else all its instances with the
     chunks that free the most, until the gap closes; then, costliest first, leaves out each pick the
-    others close the gap without. Returns ({region or its first instances: chunks}, the predicted drop,
-    :func:`chunk_drop`)."""
-    peak = _Peak(regions, scale)
-    unchunked = peak({})
-
-    def drop(chosen):  # chunk_drop, with the unchunked peak computed once
-        return unchunked - peak(chosen)
+    others close the gap without. Bytes are one rank's as ``scale`` says; ``peaks``: a dict the caller
+    keeps across the selections of one search (the drops of choices it evaluated before). Returns
+    ({region or its first instances: chunks}, the predicted drop, :func:`chunk_drop`)."""
+    drop = _peak(tuple(regions), scale, peaks).drop
 
     def ways(r):
         return [k for k in ks if k <= r.size] or [1]
