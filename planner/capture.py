@@ -145,7 +145,7 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: dict | N
     printed = io.StringIO()
     sites = _GuardSites()
     try:
-        with contextlib.redirect_stderr(printed), (sites if dynamic else contextlib.nullcontext()):
+        with contextlib.redirect_stderr(printed), (sites if dynamic else contextlib.nullcontext()), _user_lines():
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - any export failure becomes one actionable message
         specialized = _SPECIALIZED.findall(str(exc)) if dynamic else []
@@ -159,6 +159,37 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: dict | N
     gm = ep.module(check_guards=False)
     gm.validate_inputs = False
     return gm
+
+
+@contextlib.contextmanager
+def _user_lines():
+    """Trace with each node's ``stack_trace`` cut to the one frame :func:`_source` reads, the user's
+    innermost ``forward`` line: torch's own extracts and formats the whole stack for every node, a
+    fifth of a large model's export."""
+    tracer, config = fx.proxy.TracerBase, torch.fx.config
+    create_node, recorded = tracer.create_node, config.do_not_emit_stack_traces
+
+    def with_line(self, *args, **kwargs):
+        node = create_node(self, *args, **kwargs)
+        if not node.stack_trace and (line := _user_line(sys._getframe(1))):
+            node.stack_trace = line
+        return node
+
+    tracer.create_node, config.do_not_emit_stack_traces = with_line, True
+    try:
+        yield
+    finally:
+        tracer.create_node, config.do_not_emit_stack_traces = create_node, recorded
+
+
+def _user_line(frame) -> str:
+    """``File "...", line N, in forward`` of the innermost ``forward`` outside torch (the model's line that
+    made the node, as torch's own forward-only trace names it), or "" when none runs."""
+    while frame is not None:
+        if frame.f_code.co_name == "forward" and not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            return f'File "{frame.f_code.co_filename}", line {frame.f_lineno}, in forward'
+        frame = frame.f_back
+    return ""
 
 
 def _model_graph(gm: fx.GraphModule, name: str, batch, seq) -> ModelGraph:
