@@ -96,8 +96,8 @@ from __future__ import annotations
 import operator
 import re
 import weakref
-from functools import lru_cache
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -114,8 +114,8 @@ from search.fold import Folding, fold
 from search.graph import ModelGraph, expression
 from search.space import node_work
 
-__all__ = ["ChunkRegion", "Scale", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select", "find_regions",
-           "matching_scopes", "KINDS"]
+__all__ = ["ChunkRegion", "Scale", "chunk_regions", "chunk_memory", "chunk_drop", "chunk_seconds", "select",
+           "find_regions", "matching_scopes", "KINDS"]
 
 KINDS = ("mlp", "pair", "attention", "lm_head_loss")  # priority order: a node belongs to one region at most
 aten = torch.ops.aten
@@ -228,13 +228,12 @@ class _Peak:
         self.unchunked = self({})
 
     def part(self, r: ChunkRegion, k: int | None) -> tuple[float, float]:
-        key = (id(r), k)  # r is kept in the value, so its id stays its own
-        if key not in self.bytes:
+        if (r, k) not in self.bytes:
             ka, kp = self.scale(r)
             saved, transient = chunk_memory(r, k)
             held = r.param_grad_bytes * kp if r.scalar_loss and k is not None else 0.0  # the gradient buffers
-            self.bytes[key] = (r, saved * ka + held, transient * ka + held)  # + one chunk's parameter gradients
-        return self.bytes[key][1:]
+            self.bytes[r, k] = (saved * ka + held, transient * ka + held)  # + one chunk's parameter gradients
+        return self.bytes[r, k]
 
     def drop(self, chunks: dict[ChunkRegion, int]) -> float:
         """How much ``chunks`` lower the peak (:func:`chunk_drop`)."""
@@ -290,10 +289,10 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
     """Which regions to chunk, on how many of their instances and how many ways, to lower the activation
     peak by ``need`` bytes: regions in order of bytes freed (alone, at ``ks[0]`` chunks) per second of
     ``seconds(region, k)``; each takes the cheapest (chunks of ``ks``, fewest first instances among
-    :func:`first_counts`, :meth:`ChunkRegion.first`) that closes the remaining gap, or else all its instances with the
-    chunks that free the most, until the gap closes; then, costliest first, leaves out each pick the
-    others close the gap without. Bytes are one rank's as ``scale`` says; ``peaks``: a dict the caller
-    keeps across the selections of one search (the drops of choices it evaluated before). Returns
+    :func:`first_counts`, :meth:`ChunkRegion.first`) that closes the remaining gap, or else all its
+    instances with the chunks that free the most, until the gap closes; then, costliest first, leaves
+    out each pick the others close the gap without. Bytes are one rank's as ``scale`` says; ``peaks``: a
+    dict the caller keeps across the selections of one search (the drops of choices it evaluated before). Returns
     ({region or its first instances: chunks}, the predicted drop, :func:`chunk_drop`)."""
     drop = _peak(tuple(regions), scale, peaks).drop
 
