@@ -92,7 +92,10 @@ class Folding:
 
 
 def fold(mg: ModelGraph) -> Folding:
-    """Templates and regions of ``mg``; zero templates when nothing repeats."""
+    """Templates and regions of ``mg``; zero templates when nothing repeats. A graph that carries its
+    folding (a point of a symbolic capture, ``search.specialize``: the same repeats) returns it."""
+    if "folding" in mg.gm.meta:
+        return mg.gm.meta["folding"]
     nodes = list(mg.nodes())
     order = {n: i for i, n in enumerate(nodes)}
     chains = {n: _numbered_prefixes(n.meta["autopar"].scope) for n in nodes}

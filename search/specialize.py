@@ -28,7 +28,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils._pytree import tree_map
 
 from search.chunking import ChunkRegion, chunk_regions, peak_above
-from search.fold import fold
+from search.fold import Folding, fold
 from search.graph import ModelGraph, expression
 from search.saved import Census
 from search.symbolic import FACTS, B, S, evaluator
@@ -64,35 +64,68 @@ class Specializer:
         self._census = census and (census, {k: index(v) for k, v in census.nbytes.items()})
         self._values = evaluator(list(exprs))
         self._regions = None  # the symbolic chunk regions and their evaluator, on first use
+        self._graph = None    # the graph every point rewrites (:meth:`_concrete_graph`), on first use
 
     def __call__(self, b: int, s: int) -> ModelGraph:
-        """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete)."""
+        """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete).
+
+        Every call returns the same graph with its metadata and size constants rewritten for the new
+        point: a returned ``ModelGraph`` is valid until the next call."""
         b = b if self.mg.batch_size == B else self.mg.batch_size
         s = s if self.mg.seq_len == S else self.mg.seq_len
         v = self._values(b, s)
-        graph = fx.Graph()
-        out = graph.graph_copy(self.mg.gm.graph, {})
-        graph.output(out)
-        for node in list(graph.nodes):
+        if self._graph is None:
+            self._graph = self._concrete_graph()
+        gm, base, sizes = self._graph
+        for node in gm.graph.nodes:
+            meta = base[node.name]
             val = tree_map(lambda x: x.value(v) if isinstance(x, _Indexed) else x, self._vals[node.name])
-            if isinstance(val, int) and node.op == "call_function":  # shape arithmetic: a constant now
-                node.replace_all_uses_with(val)  # type: ignore[arg-type]
-                graph.erase_node(node)
-                continue
-            node.meta = dict(node.meta, val=val)
+            node.meta = dict(meta, val=val)
             if node.name in self._infos:
-                node.meta["autopar"] = dataclasses.replace(node.meta["autopar"], **{
+                node.meta["autopar"] = dataclasses.replace(meta["autopar"], **{
                     f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[node.name].items()})
             if node.name in self._saved:
                 node.meta["saved_bytes"] = v[self._saved[node.name]]
-        gm = _LazyGraphModule(self.mg.gm, graph)  # its Python code is generated only if it is ever run
-        gm.meta = {}
+        for node, (args, kwargs) in sizes.items():
+            node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
+        gm.meta = {"folding": self.folding}
         if self._census:
             census, nbytes = self._census
             gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
                                              census.out_storage)
         gm.meta["chunk_regions"] = functools.partial(self._chunk_regions, b, s)
         return dataclasses.replace(self.mg, gm=gm, batch_size=b, seq_len=s, warnings=list(self.mg.warnings))
+
+    @functools.cached_property
+    def folding(self) -> Folding:
+        """The symbolic graph's folding: a point's graph has the same nodes and the same repeats, and its
+        regions take no sizes as inputs (the shape arithmetic is constants there)."""
+        sizes = {n.name for n in self.mg.gm.graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name])}
+        folding = fold(self.mg)
+        return dataclasses.replace(folding, regions=tuple(
+            dataclasses.replace(r, inputs=tuple(n for n in r.inputs if n not in sizes)) for r in folding.regions))
+
+    def _concrete_graph(self) -> tuple[fx.GraphModule, dict[str, dict], dict[fx.Node, tuple]]:
+        """The copy every point rewrites: (graph module, node -> the symbolic node's metadata, node ->
+        its (args, kwargs) with each size of the shape arithmetic as a :class:`_Size`). The shape
+        arithmetic (``sym_size`` and integer ops on it) is gone: its value is a constant at a point."""
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.mg.gm.graph, {}))
+        base = {n.name: n.meta for n in self.mg.gm.graph.nodes}
+        arithmetic = {n for n in graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name])}
+        slot = {n: _Size(self._vals[n.name].shape) if isinstance(self._vals[n.name], _Indexed) else self._vals[n.name]
+                for n in arithmetic}
+        sizes = {}
+        for node in graph.nodes:
+            if node not in arithmetic and any(a in slot for a in node.all_input_nodes):
+                sub = lambda a: slot.get(a, a) if isinstance(a, fx.Node) else a  # noqa: E731
+                sizes[node] = (tree_map(sub, node.args), tree_map(sub, node.kwargs))
+                node.args, node.kwargs = _fill(sizes[node][0], None), _fill(sizes[node][1], None)
+        for node in reversed(graph.nodes):
+            if node in arithmetic:
+                graph.erase_node(node)
+        # its Python code is generated only if it is ever run
+        return _LazyGraphModule(self.mg.gm, graph), base, sizes
 
     def _chunk_regions(self, b: int, s: int) -> list[ChunkRegion]:
         """``search.chunking.chunk_regions`` at (b, s): probed once on the symbolic graph, evaluated here."""
@@ -111,6 +144,24 @@ class Specializer:
                                            fwd_flops=float(flops), fwd_mem_bytes=float(moved),
                                            transient_bytes=float(peak_above(timeline))))
         return out
+
+
+def _is_size(val) -> bool:
+    """Whether a traced value is a size (an int at every point), not a tensor."""
+    return isinstance(val, int) or (isinstance(val, _Indexed) and val.dtype is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Size:
+    """A size of the shape arithmetic in a node's arguments: an index into the compiled expressions."""
+
+    index: int
+
+
+def _fill(args, v: list[int] | None):
+    """``args`` with every :class:`_Size` replaced by its value in ``v`` (by 1 when ``v`` is None:
+    a placeholder until the first point is written)."""
+    return tree_map(lambda a: (1 if v is None else v[a.index]) if isinstance(a, _Size) else a, args)
 
 
 @dataclasses.dataclass(frozen=True)
