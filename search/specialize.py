@@ -25,10 +25,10 @@ import sympy
 import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from search.chunking import ChunkRegion, chunk_regions, peak_above
-from search.fold import Folding, fold
+from search.fold import Excerpt, Folding, excerpt, fold
 from search.graph import ModelGraph, expression
 from search.saved import Census
 from search.symbolic import FACTS, B, S, evaluator
@@ -46,11 +46,15 @@ class Specializer:
             e = expression(value, symbols) if isinstance(value, torch.SymInt) else sympy.sympify(value)
             return exprs.setdefault(e, len(exprs))
 
-        self._vals: dict[str, object] = {}     # node -> its val with every size an index
+        self._vals: dict[str, tuple] = {}      # node -> (its val's leaves with every size an index, pytree spec
+                                               # or None for a single leaf)
+        self._base = {n.name: n.meta for n in mg.gm.graph.nodes}  # the symbolic metadata a point rewrites
         self._infos: dict[str, dict] = {}      # node -> NodeInfo field -> index (or tuple of indices)
         self._saved: dict[str, int] = {}
         for node in mg.gm.graph.nodes:
-            self._vals[node.name] = tree_map(lambda v: _Indexed.of(v, index), node.meta.get("val"))
+            leaves, spec = tree_flatten(node.meta.get("val"))
+            leaves = [_Indexed.of(x, index) for x in leaves]
+            self._vals[node.name] = (leaves[0], None) if spec.is_leaf() else (leaves, spec)
             if "autopar" in node.meta:
                 info = node.meta["autopar"]
                 fields = {f: index(getattr(info, f)) for f in FACTS if f != "output_bytes"}
@@ -64,31 +68,35 @@ class Specializer:
         self._census = census and (census, {k: index(v) for k, v in census.nbytes.items()})
         self._values = evaluator(list(exprs))
         self._regions = None  # the symbolic chunk regions and their evaluator, on first use
-        self._graph = None    # the graph every point rewrites (:meth:`_concrete_graph`), on first use
+        # the shape arithmetic: nodes whose value is a size, constants at a point
+        self._sizes = {n.name for n in mg.gm.graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name][0])
+                       and self._vals[n.name][1] is None}
+        self._graphs = None   # the graph and its excerpt every point rewrites (:meth:`_concrete`), on first use
+        self._weight: dict[str, int] = {}
 
     def __call__(self, b: int, s: int) -> ModelGraph:
         """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete).
 
-        Every call returns the same graph with its metadata and size constants rewritten for the new
-        point: a returned ``ModelGraph`` is valid until the next call."""
+        Every call returns the same graph (and the same folding excerpt of it, ``search.fold.excerpt``)
+        with its metadata and size constants rewritten for the new point: a returned ``ModelGraph`` is
+        valid until the next call."""
         b = b if self.mg.batch_size == B else self.mg.batch_size
         s = s if self.mg.seq_len == S else self.mg.seq_len
         v = self._values(b, s)
-        if self._graph is None:
-            self._graph = self._concrete_graph()
-        gm, base, sizes = self._graph
-        for node in gm.graph.nodes:
-            meta = base[node.name]
-            val = tree_map(lambda x: x.value(v) if isinstance(x, _Indexed) else x, self._vals[node.name])
-            node.meta = dict(meta, val=val)
-            if node.name in self._infos:
-                node.meta["autopar"] = dataclasses.replace(meta["autopar"], **{
-                    f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[node.name].items()})
-            if node.name in self._saved:
-                node.meta["saved_bytes"] = v[self._saved[node.name]]
-        for node, (args, kwargs) in sizes.items():
-            node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
+        if self._graphs is None:
+            ex = excerpt(self.mg.gm, self.folding)
+            self._graphs = self._concrete(self.mg.gm), (self._concrete(ex.gm) if ex.gm is not self.mg.gm else None)
+            self._weight = ex.weight
+        (gm, sizes), ex = self._graphs
+        metas = self._rewrite(gm, sizes, v)
         gm.meta = {"folding": self.folding}
+        if ex is not None:
+            ex_gm, ex_sizes = ex
+            for node in ex_gm.graph.nodes:
+                node.meta = dict(metas[node.name])
+            for node, (args, kwargs) in ex_sizes.items():
+                node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
+            gm.meta["excerpt"] = (self.folding, Excerpt(ex_gm, self._weight))
         if self._census:
             census, nbytes = self._census
             gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
@@ -100,32 +108,51 @@ class Specializer:
     def folding(self) -> Folding:
         """The symbolic graph's folding: a point's graph has the same nodes and the same repeats, and its
         regions take no sizes as inputs (the shape arithmetic is constants there)."""
-        sizes = {n.name for n in self.mg.gm.graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name])}
         folding = fold(self.mg)
         return dataclasses.replace(folding, regions=tuple(
-            dataclasses.replace(r, inputs=tuple(n for n in r.inputs if n not in sizes)) for r in folding.regions))
+            dataclasses.replace(r, inputs=tuple(n for n in r.inputs if n not in self._sizes)) for r in folding.regions))
 
-    def _concrete_graph(self) -> tuple[fx.GraphModule, dict[str, dict], dict[fx.Node, tuple]]:
-        """The copy every point rewrites: (graph module, node -> the symbolic node's metadata, node ->
-        its (args, kwargs) with each size of the shape arithmetic as a :class:`_Size`). The shape
-        arithmetic (``sym_size`` and integer ops on it) is gone: its value is a constant at a point."""
+    def _rewrite(self, gm: fx.GraphModule, sizes: dict, v: list[int]) -> dict[str, dict]:
+        """Write the point ``v`` into ``gm`` (every node's metadata, the size constants of ``sizes``);
+        returns node name -> its new metadata."""
+        metas = {}
+        for node in gm.graph.nodes:
+            name = node.name
+            val, spec = self._vals[name]
+            meta = self._base[name]
+            if spec is None:
+                meta = dict(meta, val=val.value(v) if isinstance(val, _Indexed) else val)
+            else:
+                meta = dict(meta, val=tree_unflatten([x.value(v) if isinstance(x, _Indexed) else x for x in val], spec))
+            if name in self._infos:
+                meta["autopar"] = dataclasses.replace(meta["autopar"], **{
+                    f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[name].items()})
+            if name in self._saved:
+                meta["saved_bytes"] = v[self._saved[name]]
+            node.meta = metas[name] = meta
+        for node, (args, kwargs) in sizes.items():
+            node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
+        return metas
+
+    def _concrete(self, source: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, tuple]]:
+        """A copy of ``source`` (a graph of the symbolic capture) for every point to rewrite: (graph
+        module, node -> its (args, kwargs) with each size of the shape arithmetic as a :class:`_Size`).
+        The shape arithmetic (``sym_size`` and integer ops on it) is gone: its value is a constant at a point."""
         graph = fx.Graph()
-        graph.output(graph.graph_copy(self.mg.gm.graph, {}))
-        base = {n.name: n.meta for n in self.mg.gm.graph.nodes}
-        arithmetic = {n for n in graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name])}
-        slot = {n: _Size(self._vals[n.name].shape) if isinstance(self._vals[n.name], _Indexed) else self._vals[n.name]
-                for n in arithmetic}
+        graph.output(graph.graph_copy(source.graph, {}))
+        slot = {n: _Size(self._vals[n.name][0].shape) if isinstance(self._vals[n.name][0], _Indexed)
+                else self._vals[n.name][0] for n in graph.nodes if n.name in self._sizes}
         sizes = {}
         for node in graph.nodes:
-            if node not in arithmetic and any(a in slot for a in node.all_input_nodes):
+            if node not in slot and any(a in slot for a in node.all_input_nodes):
                 sub = lambda a: slot.get(a, a) if isinstance(a, fx.Node) else a  # noqa: E731
                 sizes[node] = (tree_map(sub, node.args), tree_map(sub, node.kwargs))
                 node.args, node.kwargs = _fill(sizes[node][0], None), _fill(sizes[node][1], None)
         for node in reversed(graph.nodes):
-            if node in arithmetic:
+            if node in slot:
                 graph.erase_node(node)
         # its Python code is generated only if it is ever run
-        return _LazyGraphModule(self.mg.gm, graph), base, sizes
+        return _LazyGraphModule(source, graph), sizes
 
     def _chunk_regions(self, b: int, s: int) -> list[ChunkRegion]:
         """``search.chunking.chunk_regions`` at (b, s): probed once on the symbolic graph, evaluated here."""
