@@ -93,7 +93,8 @@ class Specializer:
         if ex is not None:
             ex_gm, ex_sizes = ex
             for node in ex_gm.graph.nodes:
-                node.meta = dict(metas[node.name])
+                node.meta.clear()
+                node.meta.update(metas[node.name])
             for node, (args, kwargs) in ex_sizes.items():
                 node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
             gm.meta["excerpt"] = (self.folding, Excerpt(ex_gm, self._weight))
@@ -129,7 +130,9 @@ class Specializer:
                     f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[name].items()})
             if name in self._saved:
                 meta["saved_bytes"] = v[self._saved[name]]
-            node.meta = metas[name] = meta
+            node.meta.clear()  # in place: assigning a node's attribute costs more than the rewrite
+            node.meta.update(meta)
+            metas[name] = meta
         for node, (args, kwargs) in sizes.items():
             node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
         return metas
