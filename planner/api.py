@@ -184,7 +184,7 @@ def _range_plan(model, args, kwargs, cl: Cluster, grid: tuple, global_batch, nam
             plans[v] = plan
         return Outcome(json.dumps(decision(plan), sort_keys=True), _variant(cands[0]), _costs(cands, limit),
                        family=_config(cands[0]), configs=_configs(cands, limit), config=cands[0].config(),
-                       skipped=bounds.skipped)
+                       skipped=bounds.skipped, inner=cands[0].chunk_key())
 
     result = plan_range(search_at, lo, hi, step, limit, SYMBOLS[symbol])
     pieces = [{"lo": p.lo, "hi": p.hi, "plan": plans.get(p.lo),
@@ -245,7 +245,7 @@ def _config(c: Candidate) -> tuple:
     """What makes two candidates one configuration across values of a range: the key (degrees, ZeRO,
     microbatch, recompute, schedule) and the chunked regions. The attention variant is the mesh's
     fastest at each value, so it is not part of it."""
-    return (*c.key(), tuple((r["kind"], r["scope"], r["chunks"]) for r in c.chunking))
+    return (*c.key(), c.chunk_key())
 
 
 def _variant(c: Candidate) -> tuple:
@@ -263,6 +263,8 @@ def _costs(cands: list[Candidate], limit: float) -> dict:
         for ch, exposed, _ in c.sp_options:
             t = c.step_time_s - c.breakdown["sp_attention"] + exposed * c.microbatches
             out.setdefault(_config(c) + (ch.variant, ch.inner), (t, c.peak_memory, c.feasible))
+        for chunks, cost in c.chunk_options.items():
+            out.setdefault(_config(c)[:-1] + (chunks,), cost)
         if c.chunking:
             bare = c.peak_memory + c.chunk_freed
             out.setdefault(_config(c)[:-1] + ((),), (c.step_time_s - c.breakdown["chunk_recompute"], bare,

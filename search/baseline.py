@@ -255,7 +255,8 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
-                    priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit, peaks)]
+                    asked = bounds.inner.get((pp, dp, sequence[0], tp, zero, micro, recompute), ()) if bounds else ()
+                    priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit, peaks, asked)]
                 else:
                     key = ("regions", micro, recompute)
                     if key not in cache:
@@ -294,34 +295,46 @@ def _gib(nbytes: float) -> str:
 
 
 def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster, dtype: str,
-             limit: float, peaks: dict) -> Candidate:
+             limit: float, peaks: dict, asked=()) -> Candidate:
     """``c`` with activation chunking (AutoChunk) when its memory binds and nothing is recomputed yet:
     ``search.chunking.select`` chunks regions, best bytes freed per second of recompute and kernel launches
     (the cluster's ``kernel_launch_s``) first, each on the fewest first instances and chunks that close
     the remaining gap at least cost; the drop is ``chunking.chunk_drop`` (saved bytes freed, backward
     transient cut), floored so that activations stay >= 0 (``search.space`` does not count what ops
-    save internally or the backward transient: its activations can be below the drop)."""
+    save internally or the backward transient: its activations can be below the drop). ``asked``: other
+    chunkings (``Candidate.chunk_key``) a range search wants priced too (``Candidate.chunk_options``)."""
     need = c.peak_memory - limit
-    if need <= 0 or c.recompute != "none" or not c.memory or not regions():
+    if c.recompute != "none" or not c.memory or (need <= 0 and not asked) or not regions():
         return c
     per_sample, share, dtype_scale = c.chunk_scales
     # the sequence-parallel kernel replaces the attention; block regions run tp-sharded (approx.)
     usable = [r for r in regions() if not (r.kind == "attention" and c.sp_degree > 1)]
     scale = chunking.Scale(per_sample, dtype_scale, c.tp)
+    fits_chunked = c.feasible or c.reason.startswith("needs")
 
     def seconds(r, k):
         return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / scale.div(r), c.microbatches)
 
-    chosen, freed = chunking.select(usable, need, CHUNKS, seconds, scale, peaks)
+    def priced(chunks: dict[ChunkRegion, int]) -> tuple[float, float]:
+        """(extra seconds, activation bytes freed) of ``chunks``."""
+        drop = chunking.chunk_drop(usable, chunks, scale, peaks)
+        return sum(seconds(r, k) for r, k in chunks.items()), min(drop, c.memory["activations"])
+
+    options = {}
+    for key in asked:
+        chunks = chunking.parts_of(usable, key)
+        if chunks is not None:
+            extra, freed = priced(chunks)
+            options[key] = (c.step_time_s + extra, c.peak_memory - freed, c.peak_memory - freed <= limit and fits_chunked)
+    chosen = chunking.select(usable, need, CHUNKS, seconds, scale, peaks)[0] if need > 0 else {}
     if not chosen:
-        return c
+        return replace(c, chunk_options=options) if options else c
     plan = [r.entry(k) for r, k in chosen.items()]
-    extra = sum(seconds(r, k) for r, k in chosen.items())
-    freed = min(freed, c.memory["activations"])
+    extra, freed = priced(chosen)
     out = replace(c, chunking=plan, chunk_freed=freed, breakdown={**c.breakdown, "chunk_recompute": extra},
-                  memory={**c.memory, "activations": c.memory["activations"] - freed})
+                  memory={**c.memory, "activations": c.memory["activations"] - freed}, chunk_options=options)
     out.step_time_s = c.step_time_s + extra
-    out.feasible = out.peak_memory <= limit and (c.feasible or c.reason.startswith("needs"))
+    out.feasible = out.peak_memory <= limit and fits_chunked
     if out.feasible and c.solver.get("status") == "infeasible":  # no layout fitted unchunked: the leanest did
         out.solver = {**c.solver, "status": "leanest-chunked"}
     out.reason = "" if out.feasible else f"needs {_gib(out.peak_memory)} GiB > {_gib(limit)} GiB per device " \

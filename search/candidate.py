@@ -36,6 +36,8 @@ class Candidate:
     sp_options: list = field(default_factory=list)  # (SPChoice, exposed s, bytes) of every variant priced
     chunking: list = field(default_factory=list)    # chunked regions: {kind, scope, dim, chunks}
     chunk_freed: float = 0.0                        # activation bytes the chunking frees per device
+    chunk_options: dict = field(default_factory=dict)  # other chunkings a range search asked about:
+                                                    # chunk_key -> (step time s, peak bytes, fits)
     megatron_sp: bool = False                       # tp regions between cones hold 1/tp of the sequence
     chunk_scales: tuple = (0.0, 0.0, 0.0)           # (bytes per captured activation byte, work share, bytes per
                                                     # captured parameter byte) the chunking prices with
@@ -63,6 +65,10 @@ class Candidate:
         """The configuration a range search bounds (``search.range.Bounds``): the key without the
         schedule, tier (pipeline stages) first."""
         return self.key()[:7]
+
+    def chunk_key(self) -> tuple:
+        """What is chunked, how many ways: ((kind, scope, chunks), ...) of ``chunking``."""
+        return tuple((r["kind"], r["scope"], r["chunks"]) for r in self.chunking)
 
 
 def work_time(w: Work, cl: Cluster, dtype: str, scale: float, tp: int, tp_spans: bool, share: float,

@@ -202,11 +202,13 @@ class Scale(NamedTuple):
         return self.activations / d, self.params / d
 
 
-def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale: Scale = Scale()) -> float:
+def chunk_drop(regions: list[ChunkRegion], chunks: dict[ChunkRegion, int], scale: Scale = Scale(),
+               peaks: dict | None = None) -> float:
     """How much the step's activation peak falls when each region in ``chunks`` is chunked that many
     ways (every instance) and the other ``regions`` (graph order, as :func:`chunk_regions` lists them)
-    are not: the peak (:meth:`_Peak.__call__`) unchunked minus chunked, on one rank as ``scale`` says."""
-    return _peak(tuple(regions), scale).drop(chunks)
+    are not: the peak (:meth:`_Peak.__call__`) unchunked minus chunked, on one rank as ``scale`` says
+    (``peaks``: as :func:`select` takes it)."""
+    return _peak(tuple(regions), scale, peaks).drop(chunks)
 
 
 def _peak(regions: tuple[ChunkRegion, ...], scale: Scale, peaks: dict | None = None) -> "_Peak":
@@ -327,6 +329,15 @@ def select(regions: list[ChunkRegion], need: float, ks: tuple[int, ...], seconds
         if got >= need and drop(rest) >= need:
             chosen, got = rest, drop(rest)
     return chosen, got
+
+
+def parts_of(regions: list[ChunkRegion], key: tuple) -> dict[ChunkRegion, int] | None:
+    """The choice :func:`select` would return for a plan's ((kind, scope, chunks), ...) (``Candidate.chunk_key``)
+    among ``regions`` and their first instances on the :func:`first_counts` ladder; None when one is not there."""
+    parts = {(p.kind, p.scope): p for r in regions for n in first_counts(r.instances) for p in [r.first(n)]}
+    if any((kind, scope) not in parts for kind, scope, _ in key):
+        return None
+    return {parts[kind, scope]: k for kind, scope, k in key}
 
 
 def chunk_regions(mg: ModelGraph, folding: Folding | None = None) -> list[ChunkRegion]:

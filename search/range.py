@@ -62,6 +62,7 @@ class Outcome:
     configs: dict = field(default_factory=dict)
     config: tuple | None = None
     skipped: int = 0                             # configurations the bounded search did not price
+    inner: object = None                         # the winner's choice inside its configuration (chunking)
 
     @property
     def cost(self) -> tuple[float, float, bool] | None:
@@ -80,19 +81,23 @@ class Bounds:
     did not fit in memory at a smaller value and ``floor`` is each one's least step time at a smaller value;
     ``best`` per tier is the fastest fitting step time priced at v so far (:meth:`saw`). The search
     prices ``keep`` (the winners next to v) in a first pass (:meth:`passes`), so that ``best`` is tight
-    before the others are judged. ``only`` (when set) restricts a search to those configurations."""
+    before the others are judged. ``only`` (when set) restricts a search to those configurations.
+    ``inner``: the neighbours' winning choices inside their configurations (``Outcome.inner``), which
+    the search prices at v too, so that a breakpoint where only that choice changes (one more chunk)
+    has both sides' costs for step 2."""
 
     floor: dict = field(default_factory=dict)
     dead: set = field(default_factory=set)
     best: dict = field(default_factory=dict)
     keep: frozenset = frozenset()
     only: frozenset | None = None
+    inner: dict = field(default_factory=dict)   # configuration -> the neighbours' inner choices to price too
     skipped: int = 0
 
     def passes(self) -> list["Bounds"]:
         """The passes a search makes over its configurations: ``keep`` only first (sharing ``best``), then
         the rest."""
-        return [Bounds(best=self.best, only=self.keep), self] if self.keep else [self]
+        return [Bounds(best=self.best, only=self.keep, inner=self.inner), self] if self.keep else [self]
 
     def skip(self, config: tuple) -> bool:
         """Whether the search leaves ``config`` out at v (those ruled out are counted in ``skipped``)."""
@@ -190,6 +195,9 @@ def _bounds(seen: dict[int, Outcome], v: int) -> Bounds:
     below, above = [u for u in seen if u < v], [u for u in seen if u > v]
     near = ([max(below)] if below else []) + ([min(above)] if above else [])
     b.keep = frozenset(seen[u].config for u in near if seen[u].config is not None)
+    for u in near:
+        if seen[u].config is not None and seen[u].inner is not None:
+            b.inner.setdefault(seen[u].config, set()).add(seen[u].inner)
     return b
 
 
