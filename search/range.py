@@ -215,20 +215,54 @@ def _snap(v: float, lo: int, step: int) -> int:
 
 def _guess(seen: dict[int, Outcome], x: int, y: int, step: int, limit: float, bisect: bool) -> int:
     """The grid value in (x, y] where the winner P of ``x`` should stop winning: the first one past the
-    root of the line through the values at x and y of P's memory minus the limit (when P stops
-    fitting) or of P's step time minus that of the winner Q of ``y`` (regula falsi: within a piece both
-    are polynomials of low degree in the varying symbol, so the line tightens as the bracket shrinks);
-    the midpoint when ``bisect`` or when the values do not bracket a root."""
-    fx = fy = None
+    root of P's memory minus the limit (P stops fitting) or else of P's step time minus that of the
+    winner Q of ``y`` (Q gets faster), both polynomials of low degree in the varying symbol within a
+    configuration: the root of the parabola (or line) through the three (two) evaluated values nearest
+    the bracket where that difference is known — past x when y did not price P (extrapolated). The
+    midpoint when ``bisect`` or when no root falls in the bracket."""
     left, right = seen[x], seen[y]
-    px, py = left.cost, right.price(left)
-    if not bisect and px and py and px[2]:
-        if not py[2]:  # P stops fitting: memory(v) - limit crosses zero
-            fx, fy = px[1] - limit, py[1] - limit
-        elif (qx := left.price(right)) and (qy := right.cost) and qx[2] and qy[2]:
-            fx, fy = px[0] - qx[0], py[0] - qy[0]  # Q gets faster than P
-    root = x + (y - x) * fx / (fx - fy) if fx is not None and fx <= 0 < fy else (x + y) / 2
+    root = None
+    if not bisect and left.cost and left.cost[2]:
+        def memory(o: Outcome):
+            p = o.price(left)
+            return p[1] - limit if p else None
+
+        def time(o: Outcome):
+            p, q = o.price(left), o.price(right)
+            return p[0] - q[0] if p and q and p[2] and q[2] else None
+
+        for gap in (memory, time):
+            known = sorted((u, f) for u in seen if (f := gap(seen[u])) is not None)
+            if (x, gap(left)) in known and gap(left) <= 0:
+                near = sorted(known, key=lambda uf: (max(x - uf[0], uf[0] - y, 0), uf[0]))[:3]
+                root = _root(sorted(near), x, y)
+                if root is not None:
+                    break
+    root = root if root is not None else (x + y) / 2
     return min(max(x + math.ceil((root - x) / step) * step, x + step), y)
+
+
+def _root(points: list[tuple[float, float]], x: float, y: float) -> float | None:
+    """The first root in (x, y] of the parabola (line, for two points) through ``points``; None if none."""
+    if len(points) < 2:
+        return None
+    if len(points) == 3:
+        (u0, f0), (u1, f1), (u2, f2) = points
+        d01, d12 = (f1 - f0) / (u1 - u0), (f2 - f1) / (u2 - u1)
+        a = (d12 - d01) / (u2 - u0)                   # f(u) = a u² + b u + c
+        b = d01 - a * (u0 + u1)
+        c = f0 - a * u0 * u0 - b * u0
+    else:
+        (u0, f0), (u1, f1) = points
+        a, b = 0.0, (f1 - f0) / (u1 - u0)
+        c = f0 - b * u0
+    if abs(a) * (y - x) ** 2 <= 1e-12 * max(abs(b) * (y - x), abs(c), 1.0):  # a line
+        roots = [-c / b] if b else []
+    else:
+        disc = b * b - 4 * a * c
+        roots = [(-b + sgn * math.sqrt(disc)) / (2 * a) for sgn in (1, -1)] if disc >= 0 else []
+    inside = sorted(r for r in roots if x < r <= y)
+    return inside[0] if inside else None
 
 
 def _expressions(seen: dict[int, Outcome], piece: Piece, symbol: sympy.Symbol):

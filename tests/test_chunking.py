@@ -19,7 +19,7 @@ from examples.zoo import build
 from passes.chunk import ChunkedRegion, apply_chunking
 from planner.capture import capture
 from runtime.memory import step_peak
-from search.chunking import ChunkRegion, chunk_drop, chunk_memory, chunk_regions, matching_scopes, select
+from search.chunking import ChunkRegion, chunk_drop, chunk_memory, chunk_regions, matching_scopes, parts_of, select
 from search.errors import BadInput
 from search.fold import fold
 from search.space import COMPUTE_BOUND, NO_ACTIVATION
@@ -243,3 +243,16 @@ def test_select_chunks_the_fewest_first_instances():
     assert max((grads[k] - ref_grads[k]).abs().max().item() for k in ref_grads) <= TOL
     fell = step_peak(mg.gm, *args) - step_peak(gm, *args)
     assert fell > 0 and abs(drop - fell) <= 0.25 * fell, (drop, fell)
+
+
+def test_parts_of_reads_a_plans_chunking_back():
+    """A plan's ((kind, scope, chunks), ...) names the regions select picked, first instances included."""
+    cfg = GPTConfig(layers=4, heads=2, hidden=32, vocab=256, seq=64, ffn=128)
+    ids = torch.zeros(2, cfg.seq, dtype=torch.long)
+    regions = chunk_regions(capture(GPT(cfg), (ids, ids)))
+    head = next(r for r in regions if r.kind == "lm_head_loss")
+    mlp = next(r for r in regions if r.kind == "mlp")
+    key = ((head.kind, head.scope, 4), (mlp.kind, mlp.first(2).scope, 2))
+    assert parts_of(regions, key) == {head: 4, mlp.first(2): 2}
+    assert parts_of(regions, ((mlp.kind, mlp.scope, 8),)) == {mlp: 8}
+    assert parts_of(regions, (("mlp", "nowhere.*.mlp", 2),)) is None

@@ -318,3 +318,37 @@ def test_pipeline_range_pieces_are_cut_changes():
                           memory_limit=kw["memory_limit_gib"] * 2**30, name="gpt-tiny")
         piece = next(p for p in r["pieces"] if p["lo"] <= v <= p["hi"])
         assert decision(fresh.to_dict()) == decision(piece["plan"]), v
+
+
+def test_root_of_the_parabola_or_line_in_the_bracket():
+    """search.range._root: exact for a quadratic (bracketed or extrapolated past the known values) and a
+    line; None when no root falls in (x, y]."""
+    from search.range import _root
+
+    def f(u):
+        return 2e-3 * (u - 7000) * (u + 500)
+
+    assert _root([(u, f(u)) for u in (5000, 6000, 9000)], 6000, 9000) == pytest.approx(7000, abs=1e-6)
+    assert _root([(u, f(u)) for u in (5000, 6000, 6500)], 6500, 9000) == pytest.approx(7000, abs=1e-6)
+    assert _root([(u, u - 7300.0) for u in (5000, 6000)], 6000, 9000) == pytest.approx(7300, abs=1e-6)
+    assert _root([(u, f(u)) for u in (5000, 6000, 9000)], 7500, 9000) is None
+    assert _root([(5000, -1.0)], 5000, 9000) is None
+
+
+def test_a_search_prices_the_chunking_its_neighbours_asked_for():
+    """Bounds.inner: a configuration priced with a chunking a neighbouring value chose gets the step
+    time, memory and fit it would have had if the selection had chosen that chunking itself."""
+    from search.range import Bounds
+
+    model, args, kwargs = build("gpt-tiny", batch=2, seq=512)
+    mg = capture(model, args, kwargs, name="gpt-tiny")
+    cl = load_cluster("a100-80g", 2)
+    kw = dict(global_batch=2, dtype="fp32", select=ilp_select, folding=fold(mg))
+    lean = min(enumerate_candidates(mg, cl, memory_limit=1e12, **kw), key=lambda c: c.peak_memory)
+    chunked = [c for c in enumerate_candidates(mg, cl, memory_limit=lean.peak_memory * 0.98, **kw) if c.chunking]
+    assert chunked
+    asked = {c.config(): {c.chunk_key()} for c in chunked}
+    again = {c.key(): c for c in enumerate_candidates(mg, cl, memory_limit=lean.peak_memory * 0.98,
+                                                      bounds=Bounds(inner=asked), **kw)}
+    for c in chunked:
+        assert again[c.key()].chunk_options[c.chunk_key()] == (c.step_time_s, c.peak_memory, c.feasible)
