@@ -9,11 +9,13 @@ the grid:
 1. **Probe** a geometric grid (``lo``, ``lo·2``, ``lo·4``, ..., ``hi``).
 2. Between two evaluated values with different winners P and Q, **solve** for the crossing: the
    memory of P against the limit when P stops fitting, else the step-time difference of P and Q
-   (every search prices every configuration, so both are known at both ends). For one configuration
-   they are polynomials of low degree in the varying symbol (FLOPs, bytes and saved activations of
-   the capture are: ``search.symbolic``; attention is the S² term) while its inner choices stay put,
-   so the root of the line through the two ends (regula falsi) closes in quickly; a kink (an attention
-   variant's exposed communication reaching zero, say) makes it bisect.
+   (every search prices every configuration it does not rule out, and the winners of its neighbours
+   with their chunkings: ``Bounds.inner``). For one configuration they are polynomials of low degree
+   in the varying symbol (FLOPs, bytes and saved activations of the capture are: ``search.symbolic``;
+   attention is the S² term) while its inner choices stay put, so the root of the parabola through the
+   three evaluated values nearest the bracket closes in at once (exact for a quadratic; extrapolated
+   past the left end when the right one did not price P); a kink (an attention variant's exposed
+   communication reaching zero, say) makes it bisect.
 3. **Confirm** by evaluating the first grid value past the root and the one before it: the
    breakpoint is exact when they give Q and P. Otherwise the new value splits the interval and
    step 2 repeats on the part whose ends still differ (every second guess bisects: O(log) at worst),
