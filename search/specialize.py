@@ -116,15 +116,16 @@ class Specializer:
     def _rewrite(self, gm: fx.GraphModule, sizes: dict, v: list[int]) -> dict[str, dict]:
         """Write the point ``v`` into ``gm`` (every node's metadata, the size constants of ``sizes``);
         returns node name -> its new metadata."""
-        metas = {}
+        metas, made = {}, {}
         for node in gm.graph.nodes:
             name = node.name
             val, spec = self._vals[name]
             meta = self._base[name]
             if spec is None:
-                meta = dict(meta, val=val.value(v) if isinstance(val, _Indexed) else val)
+                meta = dict(meta, val=val.value(v, made) if isinstance(val, _Indexed) else val)
             else:
-                meta = dict(meta, val=tree_unflatten([x.value(v) if isinstance(x, _Indexed) else x for x in val], spec))
+                meta = dict(meta, val=tree_unflatten([x.value(v, made) if isinstance(x, _Indexed) else x for x in val],
+                                                     spec))
             if name in self._infos:
                 meta["autopar"] = dataclasses.replace(meta["autopar"], **{
                     f: tuple(v[i] for i in idx) if f == "shape" else v[idx] for f, idx in self._infos[name].items()})
@@ -213,8 +214,13 @@ class _Indexed:
             return cls(index(value))
         return value
 
-    def value(self, v: list[int]):
+    def value(self, v: list[int], made: dict):
+        """The value at the point ``v``; ``made`` holds the meta tensors made for it so far, which
+        nodes of one spec share (the search reads their sizes and dtypes only)."""
         if self.dtype is None:
             return v[self.shape]
-        return torch.empty_strided([v[i] for i in self.shape], [v[i] for i in self.stride], dtype=self.dtype,
-                                   device="meta", requires_grad=self.requires_grad)
+        key = (tuple(v[i] for i in self.shape), tuple(v[i] for i in self.stride), self.dtype, self.requires_grad)
+        if key not in made:
+            made[key] = torch.empty_strided(key[0], key[1], dtype=self.dtype, device="meta",
+                                            requires_grad=self.requires_grad)
+        return made[key]
