@@ -16,8 +16,9 @@ the grid:
    three evaluated values nearest the bracket closes in at once (exact for a quadratic; extrapolated
    past the left end when the right one did not price P); a kink (an attention variant's exposed
    communication reaching zero, say) makes it bisect.
-3. **Confirm** by evaluating the first grid value past the root and the one before it: the
-   breakpoint is exact when they give Q and P. Otherwise the new value splits the interval and
+3. **Confirm** by evaluating the first grid value past the root and, when P does not win there, the
+   one before it: the breakpoint is exact when that one gives P (the value past it may give Q or a
+   plan between P and Q, whose own breakpoints follow). Otherwise the new value splits the interval and
    step 2 repeats on the part whose ends still differ (every second guess bisects: O(log) at worst),
    until every boundary is between neighbouring grid values.
 
@@ -164,9 +165,9 @@ def plan_range(search: Callable[[int, Bounds], Outcome], lo: int, hi: int, step:
         x, y = open_[0]
         origin = max(p for p in probes if p <= x)
         g = _guess(seen, x, y, step, limit, bisect=misses.get(origin, 0) % 2 == 1)
-        if at(g).decision == seen[y].decision and g - step > x:
-            at(g - step)  # the other side of the root: closes the boundary when the root was right
-        closed = g - step in seen and seen[g - step].decision == seen[x].decision and seen[g].decision == seen[y].decision
+        if at(g).decision != seen[x].decision and g - step > x:
+            at(g - step)  # the other side of the root: closes a boundary of P when the root was right
+        closed = g - step in seen and seen[g - step].decision == seen[x].decision != seen[g].decision
         misses[origin] = 0 if closed else misses.get(origin, 0) + 1
     values = sorted(seen)
     starts = [values[0]] + [y for x, y in zip(values, values[1:]) if seen[x].decision != seen[y].decision]
