@@ -4,16 +4,17 @@
     >>> from planner.capture import capture_symbolic
     >>> at = Specializer(capture_symbolic(*build("gpt-tiny", batch=2, seq=8), name="gpt-tiny"))
     >>> mg = at(4, 16)
-    >>> mg.batch_size, mg.seq_len, next(mg.nodes()).meta["autopar"].shape
-    (4, 16, (4, 16, 64))
+    >>> mg.batch_size, mg.seq_len, [n.meta["autopar"].shape for n in mg.nodes()][:2]
+    (4, 16, [(16,), (4, 16, 64)])
 
 Range planning (``search.range``) searches many points of one model; tracing it again at each point
 (torch.export: seconds) is what the symbolic capture avoids. :class:`Specializer` compiles every
 expression of the symbolic graph once — the ``NodeInfo`` facts and shapes, the saved-activation census
 (``search.saved``), the sizes and strides of every traced value — into one function
-(:func:`search.symbolic.evaluator`, exact integers), and each call copies the graph with those values
-substituted: meta tensors of the point's sizes, ``NodeInfo`` of ints, the shape arithmetic of the
-symbolic graph (``sym_size``) replaced by its value. The concrete search then runs on the copy as on a
+(:func:`search.symbolic.evaluator`, exact integers), and each call writes those values into one
+concrete copy of the graph (made on first use, with the shape arithmetic of the symbolic graph,
+``sym_size``, taken out): meta tensors of the point's sizes, ``NodeInfo`` of ints, the sizes the shape
+arithmetic computed as constants in its users' arguments. The concrete search then runs on it as on a
 capture at that point (``tests/test_range.py`` checks both give the same plan).
 """
 from __future__ import annotations
@@ -71,8 +72,7 @@ class Specializer:
         # the shape arithmetic: nodes whose value is a size, constants at a point
         self._sizes = {n.name for n in mg.gm.graph.nodes if n.op == "call_function" and _is_size(self._vals[n.name][0])
                        and self._vals[n.name][1] is None}
-        self._graphs = None   # the graph and its excerpt every point rewrites (:meth:`_concrete`), on first use
-        self._weight: dict[str, int] = {}
+        self._graphs = None   # the graph and its folding excerpt every point rewrites (:meth:`_concrete`)
 
     def __call__(self, b: int, s: int) -> ModelGraph:
         """The graph at batch ``b`` and sequence ``s`` (either is ignored where the capture kept it concrete).
@@ -85,19 +85,18 @@ class Specializer:
         v = self._values(b, s)
         if self._graphs is None:
             ex = excerpt(self.mg.gm, self.folding)
-            self._graphs = self._concrete(self.mg.gm), (self._concrete(ex.gm) if ex.gm is not self.mg.gm else None)
-            self._weight = ex.weight
+            self._graphs = self._concrete(self.mg.gm), ex.gm is not self.mg.gm and (self._concrete(ex.gm), ex.weight)
         (gm, sizes), ex = self._graphs
-        metas = self._rewrite(gm, sizes, v)
+        metas = self._rewrite(gm, v)
+        _write_sizes(sizes, v)
         gm.meta = {"folding": self.folding}
-        if ex is not None:
-            ex_gm, ex_sizes = ex
+        if ex:
+            (ex_gm, ex_sizes), weight = ex
             for node in ex_gm.graph.nodes:
                 node.meta.clear()
                 node.meta.update(metas[node.name])
-            for node, (args, kwargs) in ex_sizes.items():
-                node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
-            gm.meta["excerpt"] = (self.folding, Excerpt(ex_gm, self._weight))
+            _write_sizes(ex_sizes, v)
+            gm.meta["excerpt"] = (self.folding, Excerpt(ex_gm, weight))
         if self._census:
             census, nbytes = self._census
             gm.meta["saved_census"] = Census(census.owner, {k: v[i] for k, i in nbytes.items()}, census.savers,
@@ -113,9 +112,8 @@ class Specializer:
         return dataclasses.replace(folding, regions=tuple(
             dataclasses.replace(r, inputs=tuple(n for n in r.inputs if n not in self._sizes)) for r in folding.regions))
 
-    def _rewrite(self, gm: fx.GraphModule, sizes: dict, v: list[int]) -> dict[str, dict]:
-        """Write the point ``v`` into ``gm`` (every node's metadata, the size constants of ``sizes``);
-        returns node name -> its new metadata."""
+    def _rewrite(self, gm: fx.GraphModule, v: list[int]) -> dict[str, dict]:
+        """Write every node's metadata at the point ``v`` into ``gm``; returns node name -> its metadata."""
         metas, made = {}, {}
         for node in gm.graph.nodes:
             name = node.name
@@ -134,8 +132,6 @@ class Specializer:
             node.meta.clear()  # in place: assigning a node's attribute costs more than the rewrite
             node.meta.update(meta)
             metas[name] = meta
-        for node, (args, kwargs) in sizes.items():
-            node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
         return metas
 
     def _concrete(self, source: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, tuple]]:
@@ -187,6 +183,12 @@ class _Size:
     """A size of the shape arithmetic in a node's arguments: an index into the compiled expressions."""
 
     index: int
+
+
+def _write_sizes(sizes: dict[fx.Node, tuple], v: list[int]) -> None:
+    """Each node's (args, kwargs) of ``sizes`` with the sizes at the point ``v``."""
+    for node, (args, kwargs) in sizes.items():
+        node.args, node.kwargs = _fill(args, v), _fill(kwargs, v)
 
 
 def _fill(args, v: list[int] | None):
