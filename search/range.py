@@ -271,10 +271,16 @@ def _root(points: list[tuple[float, float]], x: float, y: float) -> float | None
 def _expressions(seen: dict[int, Outcome], piece: Piece, symbol: sympy.Symbol):
     """(step time, memory) of the piece's configuration as polynomials in ``symbol`` interpolated
     through three of its evaluated values and confirmed at every other one (relative 1e-6); None
-    where that does not hold or fewer than four values were evaluated in the piece."""
+    where that does not hold or fewer than four values priced it. Values next to the piece where its
+    plan was priced too (a neighbour's search prices it: ``Bounds``) make up the four when the piece
+    holds fewer: the same plan has the same cost function there, and a kink fails the confirmation."""
     key = piece.outcome.key
-    inside = sorted(u for u in seen if piece.lo <= u <= piece.hi and seen[u].costs.get(key))
-    if key is None or len(inside) < 4:
+    priced = [u for u in seen if seen[u].costs.get(key)] if key is not None else []
+    inside = sorted(u for u in priced if piece.lo <= u <= piece.hi)
+    outside = sorted((u for u in priced if not piece.lo <= u <= piece.hi),
+                     key=lambda u: (max(piece.lo - u, u - piece.hi), u))
+    inside = sorted(inside + outside[:max(0, 4 - len(inside))])
+    if len(inside) < 4:
         return None, None
     out = []
     for i in (0, 1):
