@@ -250,12 +250,13 @@ def _candidates(mg, space, cluster, dtype, scale, fix, pp, dp, tp, sequence, glo
                                    "recompute is for eager matmul-softmax attention); use --fix recompute=full")
                 if recompute == "selective" and (pp > 1 or sequence[0] > 1 or not space.base.act_core):
                     continue  # attention cores: not in pipeline stages yet, replaced by the sp kernel
-                if bounds is not None and bounds.skip((pp, dp, sequence[0], tp, zero, micro, recompute)):
+                config = (pp, dp, sequence[0], tp, zero, micro, recompute)  # Candidate.config()
+                if bounds is not None and bounds.skip(config):
                     continue
                 if pp == 1:
                     price = partial(_price, space, cluster, dtype, scale, dp, zero, micro, m, recompute,
                                     global_batch, mg.batch_size, limit, sequence, msp(mg) if sequence[0] == 1 else None)
-                    asked = bounds.inner.get((pp, dp, sequence[0], tp, zero, micro, recompute), ()) if bounds else ()
+                    asked = bounds.inner.get(config, ()) if bounds else ()
                     priced = [_chunked(select(space, price, limit), regions, cluster, dtype, limit, peaks, asked)]
                 else:
                     key = ("regions", micro, recompute)
@@ -315,26 +316,25 @@ def _chunked(c: Candidate, regions: Callable[[], list[ChunkRegion]], cl: Cluster
     def seconds(r, k):
         return chunking.chunk_seconds(r, k, cl, dtype, r.instances * share / scale.div(r), c.microbatches)
 
-    def priced(chunks: dict[ChunkRegion, int]) -> tuple[float, float]:
-        """(extra seconds, activation bytes freed) of ``chunks``."""
-        drop = chunking.chunk_drop(usable, chunks, scale, peaks)
-        return sum(seconds(r, k) for r, k in chunks.items()), min(drop, c.memory["activations"])
+    def priced(chunks: dict[ChunkRegion, int]) -> tuple[float, float, float, bool]:
+        """(extra seconds, activation bytes freed, step time, fits) of ``c`` with ``chunks``."""
+        extra = sum(seconds(r, k) for r, k in chunks.items())
+        freed = min(chunking.chunk_drop(usable, chunks, scale, peaks), c.memory["activations"])
+        return extra, freed, c.step_time_s + extra, c.peak_memory - freed <= limit and fits_chunked
 
     options = {}
     for key in asked:
-        chunks = chunking.parts_of(usable, key)
-        if chunks is not None:
-            extra, freed = priced(chunks)
-            options[key] = (c.step_time_s + extra, c.peak_memory - freed, c.peak_memory - freed <= limit and fits_chunked)
+        if (chunks := chunking.parts_of(usable, key)) is not None:
+            _, freed, step_time, fits = priced(chunks)
+            options[key] = (step_time, c.peak_memory - freed, fits)
     chosen = chunking.select(usable, need, CHUNKS, seconds, scale, peaks)[0] if need > 0 else {}
     if not chosen:
         return replace(c, chunk_options=options) if options else c
     plan = [r.entry(k) for r, k in chosen.items()]
-    extra, freed = priced(chosen)
+    extra, freed, step_time, fits = priced(chosen)
     out = replace(c, chunking=plan, chunk_freed=freed, breakdown={**c.breakdown, "chunk_recompute": extra},
                   memory={**c.memory, "activations": c.memory["activations"] - freed}, chunk_options=options)
-    out.step_time_s = c.step_time_s + extra
-    out.feasible = out.peak_memory <= limit and fits_chunked
+    out.step_time_s, out.feasible = step_time, fits
     if out.feasible and c.solver.get("status") == "infeasible":  # no layout fitted unchunked: the leanest did
         out.solver = {**c.solver, "status": "leanest-chunked"}
     out.reason = "" if out.feasible else f"needs {_gib(out.peak_memory)} GiB > {_gib(limit)} GiB per device " \

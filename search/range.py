@@ -235,8 +235,9 @@ def _guess(seen: dict[int, Outcome], x: int, y: int, step: int, limit: float, bi
             return p[0] - q[0] if p and q and p[2] and q[2] else None
 
         for gap in (memory, time):
-            known = sorted((u, f) for u in seen if (f := gap(seen[u])) is not None)
-            if (x, gap(left)) in known and gap(left) <= 0:
+            fx = gap(left)
+            if fx is not None and fx <= 0:
+                known = [(u, f) for u in seen if (f := gap(seen[u])) is not None]
                 near = sorted(known, key=lambda uf: (max(x - uf[0], uf[0] - y, 0), uf[0]))[:3]
                 root = _root(sorted(near), x, y)
                 if root is not None:

@@ -157,7 +157,7 @@ class Specializer:
     def _chunk_regions(self, b: int, s: int) -> list[ChunkRegion]:
         """``search.chunking.chunk_regions`` at (b, s): probed once on the symbolic graph, evaluated here."""
         if self._regions is None:
-            regions = chunk_regions(self.mg, fold(self.mg))
+            regions = chunk_regions(self.mg, self.folding)
             exprs = [sympy.sympify(e) for r in regions for e in (r.size, r.saved_bytes, r.grad_input_bytes,
                                                                   r.fwd_flops, r.fwd_mem_bytes, *r.transient_bytes)]
             self._regions = regions, evaluator(exprs)
